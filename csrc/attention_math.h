@@ -1,0 +1,79 @@
+// Softmax arithmetic shared by the CPU and CUDA kernels.
+//
+// Everything here is a plain function of scalars, compiled for the host and
+// (under nvcc) for the device, so the CPU kernels, which the CI runs, exercise
+// exactly the update rules the CUDA kernels use.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define DANET_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DANET_HOST_DEVICE inline
+#endif
+
+namespace danet {
+
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t neg_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+DANET_HOST_DEVICE float exp_acc(float x) { return ::expf(x); }
+DANET_HOST_DEVICE double exp_acc(double x) { return ::exp(x); }
+DANET_HOST_DEVICE float log_acc(float x) { return ::logf(x); }
+DANET_HOST_DEVICE double log_acc(double x) { return ::log(x); }
+
+// Online (streaming) softmax over a row that arrives in tiles.
+//
+// The running state of a row is its maximum m and the sum l of exp(s - m) over
+// the entries seen so far. When a tile with maximum `tile_max` arrives, the new
+// maximum is max(m, tile_max); the old sum and the old output accumulator must
+// be multiplied by exp(m_old - m_new) ("rescale"). An empty row has m = -inf,
+// and its rescale factor is 0 (nothing to keep), never exp(-inf + inf) = NaN.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t online_max(acc_t m_old, acc_t tile_max) {
+  return m_old > tile_max ? m_old : tile_max;
+}
+
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t online_rescale(acc_t m_old, acc_t m_new) {
+  return m_old == neg_infinity<acc_t>() ? acc_t(0) : exp_acc(m_old - m_new);
+}
+
+// The value subtracted before exponentiating a tile: the running maximum, or 0
+// while the row is all -inf, so that exp() sees -inf and yields 0, not NaN.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t exp_offset(acc_t m) {
+  return m == neg_infinity<acc_t>() ? acc_t(0) : m;
+}
+
+// l_new = l_old * rescale + sum(exp(tile - m_new))
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t online_sum(acc_t l_old, acc_t rescale, acc_t tile_sum) {
+  return l_old * rescale + tile_sum;
+}
+
+// Log-sum-exp of the finished row, saved for the backward pass, which then
+// recomputes every probability as exp(s - lse) without a second reduction.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t softmax_lse(acc_t m, acc_t l) {
+  return m + log_acc(l);
+}
+
+// Probability of one score given the row's saved log-sum-exp.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t prob_from_lse(acc_t s, acc_t lse) {
+  return exp_acc(s - lse);
+}
+
+// Softmax backward for one entry: dS = P * (dP - D), where D is the row's
+// sum over j of P_j dP_j, which equals sum over channels of dO * O.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t softmax_grad(acc_t p, acc_t dp, acc_t row_dot) {
+  return p * (dp - row_dot);
+}
+
+}  // namespace danet

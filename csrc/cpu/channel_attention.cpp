@@ -1,0 +1,118 @@
+// Channel attention (CAM) on the CPU: forward and backward.
+//
+// With X = x[b] as C x N:  E = X X^T,  A = softmax(rowmax(E) - E) = a stable
+// softmax(-E) (each row shifted by its minimum),  out = A X.
+// The two products are BLAS GEMMs (blas.h); the softmax between them is one
+// fused, vectorised pass per row. Half and bfloat16 are computed in float32.
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "blas.h"
+#include "row_ops.h"
+
+namespace danet {
+namespace cpu {
+namespace {
+
+// In place: each row e of E (C x C) becomes softmax(-e), computed as
+// exp(min(e) - e) / sum, which is softmax(rowmax(E) - E) of the reference.
+template <typename scalar_t>
+void negated_row_softmax(scalar_t* e, int64_t C) {
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* row = e + i * C;
+      const scalar_t m = row_min(row, C);
+      const scalar_t sum = exp_row_inplace(row, C, scalar_t(-1), -m);
+      scale_row(row, C, scalar_t(1) / sum);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* x, scalar_t* out, scalar_t* attn, int64_t B,
+                    int64_t C, int64_t N) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* xb = x + b * C * N;
+    scalar_t* ab = attn + b * C * C;
+    gemm<scalar_t>(false, true, C, C, N, 1, xb, N, xb, N, 0, ab, C);
+    negated_row_softmax(ab, C);
+    gemm<scalar_t>(false, false, C, N, C, 1, ab, C, xb, N, 0, out + b * C * N, N);
+  }
+}
+
+// dA = dO X^T;  dE = -A * (dA - rowsum(dA * A));  dX = A^T dO + (dE + dE^T) X.
+template <typename scalar_t>
+void backward_kernel(const scalar_t* dout, const scalar_t* x, const scalar_t* attn,
+                     scalar_t* dx, int64_t B, int64_t C, int64_t N) {
+  std::vector<scalar_t> grad_e(C * C), grad_sym(C * C);
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* xb = x + b * C * N;
+    const scalar_t* dob = dout + b * C * N;
+    const scalar_t* ab = attn + b * C * C;
+    scalar_t* dxb = dx + b * C * N;
+    scalar_t* de = grad_e.data();
+    gemm<scalar_t>(false, true, C, C, N, 1, dob, N, xb, N, 0, de, C);
+    at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = de + i * C;
+        const scalar_t* arow = ab + i * C;
+        const scalar_t d = dot(row, arow, C);
+        for (int64_t j = 0; j < C; ++j) row[j] = -arow[j] * (row[j] - d);
+      }
+    });
+    at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < C; ++j) grad_sym[i * C + j] = de[i * C + j] + de[j * C + i];
+    });
+    gemm<scalar_t>(true, false, C, N, C, 1, ab, C, dob, N, 0, dxb, N);
+    gemm<scalar_t>(false, false, C, N, C, 1, grad_sym.data(), C, xb, N, 1, dxb, N);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_attention_forward_cpu(const at::Tensor& x_in) {
+  check_channel_attention_inputs(x_in);
+  const auto ct = accumulate_type(x_in.scalar_type());
+  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
+  at::Tensor x = x_in.to(ct).contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor attn = at::empty({B, C, C}, x.options());
+  if (B * C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "channel_attention_forward_cpu", [&] {
+      forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                               attn.data_ptr<scalar_t>(), B, C, N);
+    });
+  }
+  return {out.to(x_in.scalar_type()), attn};
+}
+
+at::Tensor channel_attention_backward_cpu(const at::Tensor& grad_out,
+                                          const at::Tensor& x_in,
+                                          const at::Tensor& attention) {
+  check_channel_attention_backward_inputs(grad_out, x_in, attention);
+  const auto ct = accumulate_type(x_in.scalar_type());
+  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
+  at::Tensor x = x_in.to(ct).contiguous();
+  at::Tensor go = grad_out.to(ct).contiguous();
+  at::Tensor a = attention.to(ct).contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (B * C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "channel_attention_backward_cpu", [&] {
+      backward_kernel<scalar_t>(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                a.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), B, C, N);
+    });
+  }
+  return dx.to(x_in.scalar_type());
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace danet
+
+TORCH_LIBRARY_IMPL(danet_ext, CPU, m) {
+  m.impl("channel_attention_forward", &danet::cpu::channel_attention_forward_cpu);
+  m.impl("channel_attention_backward", &danet::cpu::channel_attention_backward_cpu);
+}

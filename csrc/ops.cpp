@@ -1,0 +1,45 @@
+// Every operator schema of danet_ext, declared once. The kernels live in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu and register themselves per device with
+// TORCH_LIBRARY_IMPL; autograd and fake (meta) kernels are registered from
+// Python (danet_ext/ops.py) with torch.library.
+#include <string>
+
+#include <torch/library.h>
+
+#include "build_config.h"
+
+namespace danet {
+
+// What this binary was compiled with, as a JSON object.
+std::string build_info() {
+  std::string info = "{";
+  info += "\"backends\": [\"cpu\"";
+#if DANET_EXT_WITH_CUDA
+  info += ", \"cuda\"";
+#endif
+  info += "], ";
+  info += "\"cuda_arch_list\": \"" DANET_EXT_CUDA_ARCH_LIST "\", ";
+  info += "\"torch_version\": \"" DANET_EXT_TORCH_VERSION "\", ";
+  info += "\"cuda_version\": \"" DANET_EXT_CUDA_VERSION "\", ";
+  info += "\"version\": \"" DANET_EXT_VERSION "\"";
+  info += "}";
+  return info;
+}
+
+}  // namespace danet
+
+TORCH_LIBRARY(danet_ext, m) {
+  // Position attention (PAM). query, key: (B, Cq, H, W); value: (B, C, H, W).
+  // Returns out (B, C, H, W) and the per-query log-sum-exp of the scores,
+  // lse (B, H*W), float32 (float64 for float64 inputs), saved for backward.
+  m.def("position_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor out, Tensor lse)");
+  m.def(
+      "position_attention_backward(Tensor grad_out, Tensor query, Tensor key, "
+      "Tensor value, Tensor out, Tensor lse) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // Channel attention (CAM). x: (B, C, H, W). Returns out (B, C, H, W) and the
+  // attention matrix softmax(rowmax(E) - E), E = X X^T, (B, C, C) in the
+  // accumulate dtype, saved for backward.
+  m.def("channel_attention_forward(Tensor x) -> (Tensor out, Tensor attention)");
+  m.def("channel_attention_backward(Tensor grad_out, Tensor x, Tensor attention) -> Tensor grad_x");
+  m.def("build_info() -> str", &danet::build_info);
+}

@@ -1,0 +1,77 @@
+"""Loading the compiled extension, and what it was built with.
+
+If the extension is missing, the package still imports and every op runs the
+pure-PyTorch reference, after one warning. If it was built against another
+torch version, importing fails with a message that says how to rebuild.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Optional
+
+import torch
+
+REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e .  (from the danet-ext checkout)"
+
+_load_error: Optional[str] = None
+
+
+class StaleBuildError(ImportError):
+    """The compiled extension does not match the installed torch."""
+
+
+def _load():
+    global _load_error
+    try:
+        from danet_ext import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    except ImportError as exc:
+        msg = str(exc)
+        if "undefined symbol" in msg or "version" in msg.lower():
+            raise StaleBuildError(
+                f"danet_ext._C could not be loaded against torch {torch.__version__} ({msg}); "
+                f"it was probably built against another torch version: {REBUILD_HINT}"
+            ) from exc
+        _load_error = msg
+        warnings.warn(
+            f"danet_ext: the compiled extension is not available ({msg}); every op runs the "
+            f"pure-PyTorch reference, which holds the full attention matrix. To build it: "
+            f"pip install --no-build-isolation .",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    info = json.loads(torch.ops.danet_ext.build_info())
+    if info["torch_version"] != torch.__version__:
+        raise StaleBuildError(
+            f"danet_ext._C was built against torch {info['torch_version']} but torch "
+            f"{torch.__version__} is installed: {REBUILD_HINT}"
+        )
+    return True
+
+
+HAVE_EXTENSION: bool = _load()
+_COMPILED_INFO: dict = json.loads(torch.ops.danet_ext.build_info()) if HAVE_EXTENSION else {}
+
+
+def build_info() -> dict:
+    """What the compiled extension contains.
+
+    Keys: ``extension`` (bool), ``backends`` (e.g. ["cpu", "cuda"]),
+    ``cuda_arch_list``, ``torch_version`` and ``cuda_version`` it was built
+    against, ``version``; plus ``runtime_torch_version`` and ``cuda_available``.
+    """
+    if HAVE_EXTENSION:
+        info = dict(_COMPILED_INFO, extension=True)
+    else:
+        info = {"extension": False, "backends": [], "cuda_arch_list": "",
+                "torch_version": None, "cuda_version": None, "version": None,
+                "load_error": _load_error}
+    info["runtime_torch_version"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    return info
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether compiled kernels exist for this device type ("cpu", "cuda")."""
+    return HAVE_EXTENSION and device_type in _COMPILED_INFO["backends"]

@@ -1,0 +1,42 @@
+"""The pure-PyTorch maths of every op: the single truth that the tests compare
+the kernels against, and the fallback path when no kernel fits.
+
+These are written exactly as the official DANet code computes them (bmm,
+softmax, bmm), so they hold the full attention matrix: N x N for position
+attention, C x C for channel attention.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def position_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """out[b, :, i] = sum_j softmax_j(q_i . k_j) v_j, with no 1/sqrt(d) scaling.
+
+    query, key: (B, Cq, H, W); value: (B, C, H, W); returns (B, C, H, W).
+    """
+    B, C, H, W = value.shape
+    n = H * W
+    proj_query = query.reshape(B, -1, n).permute(0, 2, 1)  # B x N x Cq
+    proj_key = key.reshape(B, -1, n)  # B x Cq x N
+    energy = torch.bmm(proj_query, proj_key)  # B x N x N
+    attention = torch.softmax(energy, dim=-1)
+    proj_value = value.reshape(B, -1, n)  # B x C x N
+    out = torch.bmm(proj_value, attention.permute(0, 2, 1))
+    return out.view(B, C, H, W)
+
+
+def channel_attention(x: Tensor) -> Tensor:
+    """With X = x[b] as C x N: E = X X^T; A = softmax(rowmax(E) - E); out = A X.
+
+    x: (B, C, H, W); returns (B, C, H, W).
+    """
+    B, C, H, W = x.shape
+    proj_query = x.reshape(B, C, -1)
+    proj_key = proj_query.permute(0, 2, 1)
+    energy = torch.bmm(proj_query, proj_key)  # B x C x C
+    energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+    attention = torch.softmax(energy_new, dim=-1)
+    out = torch.bmm(attention, proj_query)
+    return out.view(B, C, H, W)
