@@ -56,17 +56,14 @@ DANET_HOST_DEVICE acc_t online_sum(acc_t l_old, acc_t rescale, acc_t tile_sum) {
   return l_old * rescale + tile_sum;
 }
 
-// Log-sum-exp of the finished row, saved for the backward pass, which then
-// recomputes every probability as exp(s - lse) without a second reduction.
+// Each finished row saves two statistics for the backward pass: its maximum m
+// and the inverse 1/l of its sum, from which every probability is recomputed
+// as exp(s - m) / l without a second reduction. (A single log-sum-exp
+// lse = m + log l would do too, but exp(s - lse) loses |lse| * eps of relative
+// accuracy; with logits in the tens that is ~10 ulp in float32.)
 template <typename acc_t>
-DANET_HOST_DEVICE acc_t softmax_lse(acc_t m, acc_t l) {
-  return m + log_acc(l);
-}
-
-// Probability of one score given the row's saved log-sum-exp.
-template <typename acc_t>
-DANET_HOST_DEVICE acc_t prob_from_lse(acc_t s, acc_t lse) {
-  return exp_acc(s - lse);
+DANET_HOST_DEVICE acc_t prob_from_stats(acc_t s, acc_t row_max, acc_t inv_row_sum) {
+  return exp_acc(s - row_max) * inv_row_sum;
 }
 
 // Softmax backward for one entry: dS = P * (dP - D), where D is the row's

@@ -55,19 +55,21 @@ inline void check_position_attention_inputs(const at::Tensor& query,
 
 inline void check_position_attention_backward_inputs(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse) {
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& stats) {
   check_position_attention_inputs(query, key, value);
   TORCH_CHECK(grad_out.sizes() == value.sizes() && out.sizes() == value.sizes(),
               "danet_ext: `grad_out` and `out` must have the shape of `value` ",
               value.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
   check_same(grad_out, value, "grad_out", "value");
   check_same(out, value, "out", "value");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == value.size(0) &&
-                  lse.size(1) == value.size(2) * value.size(3),
-              "danet_ext: `lse` must have shape (B, H*W) = (", value.size(0),
-              ", ", value.size(2) * value.size(3), "), got ", lse.sizes());
-  TORCH_CHECK(lse.device() == value.device(),
-              "danet_ext: `lse` must be on the device of `value`");
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == value.size(0) &&
+                  stats.size(1) == 2 &&
+                  stats.size(2) == value.size(2) * value.size(3),
+              "danet_ext: `softmax_stats` must have shape (B, 2, H*W) = (",
+              value.size(0), ", 2, ", value.size(2) * value.size(3), "), got ",
+              stats.sizes());
+  TORCH_CHECK(stats.device() == value.device(),
+              "danet_ext: `softmax_stats` must be on the device of `value`");
 }
 
 // x: (B, C, H, W).

@@ -30,12 +30,13 @@ std::string build_info() {
 
 TORCH_LIBRARY(danet_ext, m) {
   // Position attention (PAM). query, key: (B, Cq, H, W); value: (B, C, H, W).
-  // Returns out (B, C, H, W) and the per-query log-sum-exp of the scores,
-  // lse (B, H*W), float32 (float64 for float64 inputs), saved for backward.
-  m.def("position_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor out, Tensor lse)");
+  // Returns out (B, C, H, W) and softmax_stats (B, 2, H*W): for each query,
+  // the maximum of its scores and the inverse of sum(exp(score - max)), in
+  // float32 (float64 for float64 inputs), saved for backward.
+  m.def("position_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor out, Tensor softmax_stats)");
   m.def(
       "position_attention_backward(Tensor grad_out, Tensor query, Tensor key, "
-      "Tensor value, Tensor out, Tensor lse) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "Tensor value, Tensor out, Tensor softmax_stats) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // Channel attention (CAM). x: (B, C, H, W). Returns out (B, C, H, W) and the
   // attention matrix softmax(rowmax(E) - E), E = X X^T, (B, C, C) in the
   // accumulate dtype, saved for backward.

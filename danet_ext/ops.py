@@ -175,23 +175,23 @@ if HAVE_EXTENSION:
         check_position_attention_inputs(query, key, value)
         B, C, H, W = value.shape
         out = value.new_empty((B, C, H, W))
-        lse = value.new_empty((B, H * W), dtype=_accumulate_dtype(value.dtype))
-        return out, lse
+        stats = value.new_empty((B, 2, H * W), dtype=_accumulate_dtype(value.dtype))
+        return out, stats
 
     @torch.library.register_fake("danet_ext::position_attention_backward")
-    def _position_attention_backward_fake(grad_out, query, key, value, out, lse):
+    def _position_attention_backward_fake(grad_out, query, key, value, out, softmax_stats):
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
     def _position_attention_setup_context(ctx, inputs, output):
         query, key, value = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(query, key, value, out, lse)
+        out, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(query, key, value, out, stats)
 
-    def _position_attention_backward(ctx, grad_out, grad_lse):
-        query, key, value, out, lse = ctx.saved_tensors
+    def _position_attention_backward(ctx, grad_out, grad_stats):
+        query, key, value, out, stats = ctx.saved_tensors
         grad_query, grad_key, grad_value = torch.ops.danet_ext.position_attention_backward(
-            grad_out, query, key, value, out, lse)
+            grad_out, query, key, value, out, stats)
         return grad_query, grad_key, grad_value
 
     torch.library.register_autograd(

@@ -37,7 +37,7 @@ constexpr int64_t kBwdBlockK = 512;
 
 template <typename scalar_t>
 void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                    scalar_t* out, scalar_t* lse, int64_t B, int64_t Cq,
+                    scalar_t* out, scalar_t* stats, int64_t B, int64_t Cq,
                     int64_t C, int64_t N) {
   const int64_t q_blocks = (N + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, B * q_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -83,22 +83,24 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
         scalar_t* orow = ob + c * N;
         for (int64_t i = 0; i < bq; ++i) orow[i] = arow[i] * rescale[i];
       }
-      for (int64_t i = 0; i < bq; ++i)
-        lse[b * N + i0 + i] = softmax_lse(row_m[i], row_l[i]);
+      for (int64_t i = 0; i < bq; ++i) {
+        stats[(b * 2 + 0) * N + i0 + i] = row_m[i];
+        stats[(b * 2 + 1) * N + i0 + i] = rescale[i];  // 1 / row sum
+      }
     }
   });
 }
 
 // Backward (FlashAttention-2 order): D_i = sum_c dO[c,i] O[c,i]; then for each
 // key block j, over all query blocks i:
-//   P = exp(Q_i^T K_j - lse_i)        dV_j += dO_i P
+//   P = exp(Q_i^T K_j - m_i) / l_i    dV_j += dO_i P
 //   dP = dO_i^T V_j                   dS = P * (dP - D_i)
 //   dK_j += Q_i dS                    dQ_i += K_j dS^T
 // Key blocks run in parallel; each thread adds its dQ contributions into a
 // private (Cq x N) buffer, summed at the end (Cq is small, so this is cheap).
 template <typename scalar_t>
 void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                     const scalar_t* v, const scalar_t* out, const scalar_t* lse,
+                     const scalar_t* v, const scalar_t* out, const scalar_t* stats,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
                      int64_t Cq, int64_t C, int64_t N) {
   const int64_t num_threads = at::get_num_threads();
@@ -107,7 +109,9 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   int64_t block_k = kBwdBlockK;
   while (block_k > 64 && (N + block_k - 1) / block_k < 2 * num_threads) block_k /= 2;
   const int64_t k_blocks = (N + block_k - 1) / block_k;
-  std::vector<scalar_t> row_dot(N);
+  // D_i = sum_c dO[c,i] O[c,i] is accumulated in double: dS = P (dP - D)
+  // cancels, so D's rounding would otherwise dominate the error of dQ and dK.
+  std::vector<double> row_dot(N);
   std::vector<scalar_t> dq_partial(num_threads * Cq * N);
   for (int64_t b = 0; b < B; ++b) {
     const scalar_t* dob = dout + b * C * N;
@@ -115,7 +119,8 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     const scalar_t* qb = q + b * Cq * N;
     const scalar_t* kb = k + b * Cq * N;
     const scalar_t* vb = v + b * C * N;
-    const scalar_t* lseb = lse + b * N;
+    const scalar_t* row_max = stats + (b * 2 + 0) * N;
+    const scalar_t* inv_row_sum = stats + (b * 2 + 1) * N;
     scalar_t* dkb = dk + b * Cq * N;
     scalar_t* dvb = dv + b * C * N;
     at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
@@ -123,7 +128,8 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* dorow = dob + c * N;
         const scalar_t* orow = ob + c * N;
-        for (int64_t i = begin; i < end; ++i) row_dot[i] += dorow[i] * orow[i];
+        for (int64_t i = begin; i < end; ++i)
+          row_dot[i] += static_cast<double>(dorow[i]) * static_cast<double>(orow[i]);
       }
     });
     std::fill(dq_partial.begin(), dq_partial.end(), scalar_t(0));
@@ -138,8 +144,11 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           const scalar_t beta = i0 > 0 ? 1 : 0;  // first query block initialises dK_j, dV_j
           gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0,
                          probs.data(), block_k);
-          for (int64_t i = 0; i < bq; ++i)
-            exp_row_inplace(probs.data() + i * block_k, bk, scalar_t(1), lseb[i0 + i]);
+          for (int64_t i = 0; i < bq; ++i) {
+            scalar_t* row = probs.data() + i * block_k;
+            exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
+            scale_row(row, bk, inv_row_sum[i0 + i]);
+          }
           gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
                          block_k, beta, dvb + j0, N);
           gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0,
@@ -147,7 +156,7 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           for (int64_t i = 0; i < bq; ++i) {
             scalar_t* ds = dscores.data() + i * block_k;
             const scalar_t* p = probs.data() + i * block_k;
-            const scalar_t d = row_dot[i0 + i];
+            const scalar_t d = static_cast<scalar_t>(row_dot[i0 + i]);
             for (int64_t j = 0; j < bk; ++j) ds[j] = softmax_grad(p[j], ds[j], d);
           }
           gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
@@ -185,26 +194,26 @@ std::tuple<at::Tensor, at::Tensor> position_attention_forward_cpu(
                 W = value.size(3), Cq = query.size(1), N = H * W;
   at::Tensor q = as_compute(query, ct), k = as_compute(key, ct), v = as_compute(value, ct);
   at::Tensor out = at::empty({B, C, H, W}, v.options());
-  at::Tensor lse = at::empty({B, N}, v.options());
+  at::Tensor stats = at::empty({B, 2, N}, v.options());
   if (B * N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "position_attention_forward_cpu", [&] {
       forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                               lse.data_ptr<scalar_t>(), B, Cq, C, N);
+                               stats.data_ptr<scalar_t>(), B, Cq, C, N);
     });
   }
-  return {out.to(value.scalar_type()), lse};
+  return {out.to(value.scalar_type()), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse) {
-  check_position_attention_backward_inputs(grad_out, query, key, value, out, lse);
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& stats) {
+  check_position_attention_backward_inputs(grad_out, query, key, value, out, stats);
   const auto ct = compute_type(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1),
                 N = value.size(2) * value.size(3);
   at::Tensor q = as_compute(query, ct), k = as_compute(key, ct), v = as_compute(value, ct);
-  at::Tensor go = as_compute(grad_out, ct), o = as_compute(out, ct), l = as_compute(lse, ct);
+  at::Tensor go = as_compute(grad_out, ct), o = as_compute(out, ct), st = as_compute(stats, ct);
   // Every element is written by the kernel (the first query block of each key
   // block stores with beta = 0) except when N == 0, where there is nothing.
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -214,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES(ct, "position_attention_backward_cpu", [&] {
       backward_kernel<scalar_t>(go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                                 k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                o.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
+                                o.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                 dv.data_ptr<scalar_t>(), B, Cq, C, N);
     });

@@ -1,0 +1,52 @@
+"""Shared fixtures and helpers for the kernel tests."""
+import os
+
+import pytest
+import torch
+
+import danet_ext
+from danet_ext import _build
+
+HAVE_CUDA_DEVICE = torch.cuda.is_available() and _build.has_kernel("cuda")
+
+# Devices every kernel test runs on: the CPU always, CUDA where a GPU and the
+# CUDA kernels are both there (marked, so `-m "not cuda"` deselects them).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")]),
+]
+
+# dtypes the kernels take, per device.
+def kernel_dtypes(device):
+    return list(danet_ext.ops.KERNEL_DTYPES[device])
+
+
+def pytest_collection_modifyitems(config, items):
+    if not danet_ext.HAVE_EXTENSION:
+        skip = pytest.mark.skip(reason="danet_ext._C is not built")
+        for item in items:
+            if "needs_extension" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_extension: needs the compiled extension")
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_twice_pytorch(ours, pytorch_same_precision, truth, atol=0.0):
+    """The kernel's error against a float64 truth is at most about twice that of
+    PyTorch's own computation in the same precision (the reference op run in that dtype)."""
+    err_ours = max_err(ours, truth)
+    err_torch = max_err(pytorch_same_precision, truth)
+    assert err_ours <= 2.0 * err_torch + atol, (
+        f"kernel error {err_ours:.3e} > 2 x PyTorch's same-precision error {err_torch:.3e} (+{atol:.1e})")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,177 @@
+"""The channel attention (CAM) kernels against the pure-PyTorch reference."""
+import itertools
+
+import pytest
+import torch
+
+import danet_ext
+from danet_ext import reference
+from conftest import DEVICES, assert_within_twice_pytorch, max_err
+
+pytestmark = pytest.mark.needs_extension
+
+op = torch.ops.danet_ext
+
+
+def grads_of(fn, x, grad_out):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    out.backward(grad_out)
+    return out.detach(), x.grad
+
+
+SHAPES = list(itertools.product((1, 2), (1, 3, 64, 512), ((1, 1), (5, 7), (33, 31))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,C,HW", SHAPES)
+def test_forward_and_grad_match_reference_float64(device, B, C, HW):
+    x = torch.randn(B, C, *HW, dtype=torch.float64, device=device)
+    if device == "cuda":
+        x = x.float()
+    grad_out = torch.randn_like(x)
+    out, grad = grads_of(danet_ext.channel_attention, x, grad_out)
+    truth, truth_grad = grads_of(reference.channel_attention, x.double(), grad_out.double())
+    if x.dtype == torch.float64:
+        torch.testing.assert_close(out, truth, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(grad, truth_grad, rtol=1e-8, atol=1e-8)
+    else:
+        ref, ref_grad = grads_of(reference.channel_attention, x, grad_out)
+        assert_within_twice_pytorch(out, ref, truth, atol=1e-6)
+        assert_within_twice_pytorch(grad, ref_grad, truth_grad, atol=1e-6 * truth_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,C,HW", [(2, 64, (33, 31)), (1, 512, (64, 64)), (2, 3, (5, 7))])
+def test_float32_within_twice_pytorch_error(device, B, C, HW):
+    # Realistic post-ReLU features: non-negative, so E = X X^T is large and positive.
+    x64 = torch.randn(B, C, *HW, dtype=torch.float64).relu().to(device) / 4
+    grad_out64 = torch.randn_like(x64)
+    truth, truth_grad = grads_of(reference.channel_attention, x64, grad_out64)
+    x, grad_out = x64.float(), grad_out64.float()
+    out, grad = grads_of(danet_ext.channel_attention, x, grad_out)
+    ref, ref_grad = grads_of(reference.channel_attention, x, grad_out)
+    assert_within_twice_pytorch(out, ref, truth, atol=1e-6)
+    assert_within_twice_pytorch(grad, ref_grad, truth_grad, atol=1e-6 * truth_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,C,HW", [(2, 64, (17, 23)), (1, 3, (5, 7))])
+def test_half_precision_within_twice_pytorch_error(device, dtype, B, C, HW):
+    x = (torch.randn(B, C, *HW, device=device) / 8).to(dtype)
+    grad_out = torch.randn_like(x)
+    truth, truth_grad = grads_of(reference.channel_attention, x.double(), grad_out.double())
+    out, grad = grads_of(danet_ext.channel_attention, x, grad_out)
+    ref, ref_grad = grads_of(reference.channel_attention, x, grad_out)
+    assert out.dtype == dtype and grad.dtype == dtype
+    assert_within_twice_pytorch(out, ref, truth)
+    assert_within_twice_pytorch(grad, ref_grad, truth_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_realistic_size_stays_finite(device):
+    # C = 512, N = 97 x 97 post-ReLU values: E reaches ~5000, beyond nothing in
+    # float16 but close to its range; E and the softmax must stay in float32.
+    x = torch.randn(1, 512, 97, 97, device=device).relu()
+    out = danet_ext.channel_attention(x.half())
+    assert torch.isfinite(out).all()
+    truth = reference.channel_attention(x.half().double())
+    assert max_err(out, truth) < 2e-2 * truth.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    if device == "cuda":
+        pytest.skip("the CUDA kernels take float32/float16/bfloat16; gradcheck needs float64")
+    for shape in [(2, 3, 4, 5), (1, 1, 1, 1), (1, 5, 1, 3)]:
+        x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+        assert torch.autograd.gradcheck(danet_ext.channel_attention, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_magnitude_inputs(device):
+    # values ~ 100: E ~ 1e4 * N; a softmax without the min-shift overflows.
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64, device=device) * 100
+    truth, truth_grad = grads_of(reference.channel_attention, x, torch.ones_like(x))
+    for dtype in (torch.float32, torch.float64):
+        out, grad = grads_of(danet_ext.channel_attention, x.to(dtype), torch.ones_like(x).to(dtype))
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+        truth_r = reference.channel_attention(x.to(dtype).double())
+        assert max_err(out, truth_r) < 1e-3 * truth_r.abs().max().item()
+    torch.testing.assert_close(grads_of(danet_ext.channel_attention, x, torch.ones_like(x))[1], truth_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_attention_rows_are_softmax_of_negated_energy(device):
+    x = torch.randn(2, 6, 5, 4, device=device)
+    out, attention = op.channel_attention_forward(x)
+    X = x.flatten(2).double()
+    E = X @ X.transpose(1, 2)
+    assert attention.dtype == torch.float32 and attention.shape == (2, 6, 6)
+    torch.testing.assert_close(attention.double(), torch.softmax(-E, -1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 6, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_channels_last_and_empty(device):
+    x = torch.randn(2, 8, 9, 11, device=device)
+    expected = reference.channel_attention(x)
+    torch.testing.assert_close(danet_ext.channel_attention(x.to(memory_format=torch.channels_last)), expected,
+                               rtol=1e-5, atol=1e-5)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(danet_ext.channel_attention(xt), expected, rtol=1e-5, atol=1e-5)
+    assert danet_ext.channel_attention(torch.randn(0, 8, 3, 3, device=device)).shape == (0, 8, 3, 3)
+    # one channel: the softmax over one entry is 1, so out == x
+    x1 = torch.randn(2, 1, 3, 3, device=device)
+    torch.testing.assert_close(danet_ext.channel_attention(x1), x1)
+
+
+def test_validation_errors_name_the_argument():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="`x` must be a 4-D"):
+        danet_ext.channel_attention(x[0])
+    with pytest.raises(TypeError, match="`x` must be a floating-point"):
+        danet_ext.channel_attention(x.long())
+    with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
+        danet_ext.channel_attention([1.0])
+    with pytest.raises(RuntimeError, match="`x` must be a 4-D"):
+        op.channel_attention_forward(x[0])
+    out, attention = op.channel_attention_forward(x)
+    with pytest.raises(RuntimeError, match="`attention` must have shape"):
+        op.channel_attention_backward(out, x, attention[:, :2])
+    with pytest.raises(RuntimeError, match="`grad_out` must have the shape of `x`"):
+        op.channel_attention_backward(out[:1], x, attention)
+
+
+def test_opcheck():
+    for shape in [(2, 5, 4, 3), (1, 1, 1, 1)]:
+        x = torch.randn(*shape, requires_grad=True)
+        torch.library.opcheck(op.channel_attention_forward.default, (x,))
+        out, attention = op.channel_attention_forward(x)
+        torch.library.opcheck(op.channel_attention_backward.default, (torch.randn_like(out), x.detach(), attention))
+
+
+def test_torch_compile_fullgraph_inductor():
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+
+    def f(x):
+        return danet_ext.channel_attention(x).square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(x)
+    loss.backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = reference.channel_attention(x_ref).square().sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    x = torch.randn(2, 8, 5, 6, device=device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device_type=device, dtype=dtype):
+        out = danet_ext.channel_attention(x)
+    assert out.dtype == dtype
+    assert max_err(out, reference.channel_attention(x.to(dtype).double())) < 5e-2

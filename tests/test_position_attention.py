@@ -1,0 +1,229 @@
+"""The position attention (PAM) kernels against the pure-PyTorch reference."""
+import itertools
+
+import pytest
+import torch
+
+import danet_ext
+from danet_ext import reference
+from conftest import DEVICES, assert_within_twice_pytorch, kernel_dtypes, max_err
+
+pytestmark = pytest.mark.needs_extension
+
+op = torch.ops.danet_ext
+
+
+def make_inputs(B, Cq, C, H, W, device="cpu", dtype=torch.float32, scale=1.0, requires_grad=False):
+    q = (torch.randn(B, Cq, H, W, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    k = (torch.randn(B, Cq, H, W, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    v = torch.randn(B, C, H, W, dtype=torch.float64).to(device=device, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def grads_of(fn, inputs, grad_out):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in inputs]
+
+
+# Small shapes: the full grid. (64, 64) is covered by its own test below.
+SMALL_SHAPES = list(itertools.product((1, 3), (1, 8, 64), (1, 5, 64), ((1, 1), (7, 9), (17, 23))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,Cq,C,HW", SMALL_SHAPES)
+def test_forward_and_grads_match_reference_float64(device, B, Cq, C, HW):
+    H, W = HW
+    inputs = make_inputs(B, Cq, C, H, W, device, torch.float64)
+    grad_out = torch.randn(B, C, H, W, dtype=torch.float64, device=device)
+    out, grads = grads_of(danet_ext.position_attention, inputs, grad_out)
+    ref_out, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,Cq,C,HW", [(1, 64, 512, (64, 64)), (3, 8, 512, (17, 23)), (1, 64, 64, (64, 64)),
+                                        (2, 1, 1, (64, 64)), (1, 8, 5, (33, 65))])
+def test_float32_within_twice_pytorch_error(device, B, Cq, C, HW):
+    H, W = HW
+    inputs64 = make_inputs(B, Cq, C, H, W, device, torch.float64)
+    grad_out64 = torch.randn(B, C, H, W, dtype=torch.float64, device=device)
+    truth, truth_grads = grads_of(reference.position_attention, inputs64, grad_out64)
+    inputs32 = [t.float() for t in inputs64]
+    out, grads = grads_of(danet_ext.position_attention, inputs32, grad_out64.float())
+    ref, ref_grads = grads_of(reference.position_attention, inputs32, grad_out64.float())
+    assert_within_twice_pytorch(out, ref, truth, atol=1e-6)
+    for g, rg, tg in zip(grads, ref_grads, truth_grads):
+        assert_within_twice_pytorch(g, rg, tg, atol=1e-6 * tg.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Cq,C,HW", [(2, 8, 64, (17, 23)), (1, 64, 512, (32, 32)), (1, 1, 5, (7, 9))])
+def test_half_precision_within_twice_pytorch_error(device, dtype, B, Cq, C, HW):
+    H, W = HW
+    inputs = make_inputs(B, Cq, C, H, W, device, dtype, scale=0.5)
+    grad_out = torch.randn(B, C, H, W, device=device).to(dtype)
+    truth, truth_grads = grads_of(reference.position_attention, [t.double() for t in inputs], grad_out.double())
+    out, grads = grads_of(danet_ext.position_attention, inputs, grad_out)
+    ref, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
+    assert out.dtype == dtype
+    assert_within_twice_pytorch(out, ref, truth)
+    for g, rg, tg in zip(grads, ref_grads, truth_grads):
+        assert g.dtype == dtype
+        assert_within_twice_pytorch(g, rg, tg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    if device == "cuda":
+        pytest.skip("the CUDA kernels take float32/float16/bfloat16; gradcheck needs float64")
+    for B, Cq, C, H, W in [(2, 3, 4, 3, 5), (1, 1, 1, 1, 1), (1, 2, 3, 1, 7)]:
+        inputs = make_inputs(B, Cq, C, H, W, device, torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(danet_ext.position_attention, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_softmax_stats_are_row_max_and_inverse_sum(device):
+    q, k, v = make_inputs(2, 8, 5, 9, 11, device)
+    out, stats = op.position_attention_forward(q, k, v)
+    scores = torch.einsum("bci,bcj->bij", q.flatten(2).double(), k.flatten(2).double())
+    row_max = scores.amax(-1)
+    assert stats.dtype == torch.float32 and stats.shape == (2, 2, 99)
+    torch.testing.assert_close(stats[:, 0].double(), row_max, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[:, 1].double(), 1 / torch.exp(scores - row_max[..., None]).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_logits_are_stable(device, dtype):
+    # |q . k| in the thousands: a softmax without max-subtraction overflows.
+    q, k, v = make_inputs(2, 16, 32, 9, 13, device, torch.float64, scale=12.0)
+    truth = reference.position_attention(q, k, v)
+    assert torch.einsum("bci,bcj->bij", q.flatten(2), k.flatten(2)).abs().max() > 1000
+    out = danet_ext.position_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert torch.isfinite(out).all()
+    # Rounding the inputs moves logits of size ~3000 by up to ~3000 * eps, which changes
+    # which key wins: compare against the truth for the rounded inputs.
+    truth = reference.position_attention(*(t.to(dtype).double() for t in (q, k, v)))
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    assert max_err(out, truth) < tol
+    grads = grads_of(danet_ext.position_attention, [t.to(dtype) for t in (q, k, v)],
+                     torch.randn_like(v).to(dtype))[1]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_channels_last(device):
+    q, k, v = make_inputs(2, 8, 16, 11, 13, device)
+    expected = reference.position_attention(q, k, v)
+    cl = [t.to(memory_format=torch.channels_last) for t in (q, k, v)]
+    torch.testing.assert_close(danet_ext.position_attention(*cl), expected, rtol=1e-5, atol=1e-5)
+    # transposed spatial dims, and a channel slice with a gap
+    qt, kt, vt = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    torch.testing.assert_close(danet_ext.position_attention(qt, kt, vt), expected, rtol=1e-5, atol=1e-5)
+    wide = torch.randn(2, 32, 11, 13, device=device)
+    v_strided = wide[:, ::2]
+    torch.testing.assert_close(danet_ext.position_attention(q, k, v_strided),
+                               reference.position_attention(q, k, v_strided), rtol=1e-5, atol=1e-5)
+    # gradients flow back in the input's layout
+    cl = [t.clone().requires_grad_(True) for t in cl]
+    danet_ext.position_attention(*cl).sum().backward()
+    for t in cl:
+        assert t.grad is not None and t.grad.shape == t.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_position_and_empty_batch(device):
+    q, k, v = make_inputs(2, 4, 3, 1, 1, device)
+    # one position: softmax over a single key is 1, so out == value
+    torch.testing.assert_close(danet_ext.position_attention(q, k, v), v)
+    q, k, v = make_inputs(0, 4, 3, 5, 6, device, requires_grad=True)
+    out = danet_ext.position_attention(q, k, v)
+    assert out.shape == (0, 3, 5, 6)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_validation_errors_name_the_argument():
+    q, k, v = make_inputs(2, 8, 16, 5, 6)
+    cases = [
+        ((q[0], k, v), ValueError, "`query` must be a 4-D"),
+        ((q, k, v.flatten(2)), ValueError, "`value` must be a 4-D"),
+        ((q, k[:, :4], v), ValueError, "same number of channels"),
+        ((q, k, v[:1]), ValueError, "share batch and spatial sizes"),
+        ((q, k, v[..., :5]), ValueError, "share batch and spatial sizes"),
+        ((q.double(), k, v), TypeError, "`query` has dtype torch.float64"),
+        ((q, k.half(), v), TypeError, "`key` has dtype torch.float16"),
+        ((q.long(), k.long(), v.long()), TypeError, "`query` must be a floating-point"),
+        ((q, k, "v"), TypeError, "`value` must be a torch.Tensor"),
+        ((q[:, :0], k[:, :0], v), ValueError, "at least one channel"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            danet_ext.position_attention(*args)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        danet_ext.position_attention(q, k, v, backend="fast")
+
+
+def test_direct_op_call_validates_in_cpp():
+    # C++ users and direct torch.ops calls get the same checks from TORCH_CHECK.
+    q, k, v = make_inputs(2, 8, 16, 5, 6)
+    with pytest.raises(RuntimeError, match="`query` and `key` must have the same number of channels"):
+        op.position_attention_forward(q, k[:, :4], v)
+    with pytest.raises(RuntimeError, match="`value` must be a 4-D"):
+        op.position_attention_forward(q, k, v[0])
+    out, stats = op.position_attention_forward(q, k, v)
+    with pytest.raises(RuntimeError, match="`softmax_stats` must have shape"):
+        op.position_attention_backward(out, q, k, v, out, stats[:, :, :3])
+
+
+def test_opcheck():
+    for shape in [(2, 8, 16, 5, 7), (1, 1, 1, 1, 1)]:
+        q, k, v = make_inputs(*shape, requires_grad=True)
+        torch.library.opcheck(op.position_attention_forward.default, (q, k, v))
+        out, stats = op.position_attention_forward(q, k, v)
+        torch.library.opcheck(op.position_attention_backward.default,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), stats))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_inputs(2, 8, 16, 9, 7, requires_grad=True)
+
+    def f(q, k, v):
+        return (danet_ext.position_attention(q, k, v) * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    expected, expected_grads = grads_of(reference.position_attention, [q, k, v], torch.full((2, 16, 9, 7), 2.0))
+    torch.testing.assert_close(loss, (expected * 2).sum(), rtol=1e-4, atol=1e-4)
+    for g, eg in zip(grads, expected_grads):
+        torch.testing.assert_close(g, eg, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    q, k, v = make_inputs(2, 8, 16, 9, 7, device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device_type=device, dtype=dtype):
+        out = danet_ext.position_attention(q, k, v)
+    assert out.dtype == dtype
+    truth = reference.position_attention(*(t.to(dtype).double() for t in (q, k, v)))
+    assert max_err(out, truth) < 2e-2
+
+
+def test_backend_choice():
+    q, k, v = make_inputs(1, 4, 6, 5, 5)
+    torch.testing.assert_close(danet_ext.position_attention(q, k, v, backend="reference"),
+                               reference.position_attention(q, k, v))
+    torch.testing.assert_close(danet_ext.position_attention(q, k, v, backend="extension"),
+                               reference.position_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    reason = danet_ext.ops.kernel_unavailable_reason(torch.device("cuda"), torch.float64)
+    assert reason is not None and ("cuda" in reason)
