@@ -121,13 +121,24 @@ def make_extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """Compiles into a fixed object folder per torch version, so that ninja
+    recompiles only what changed, also when pip builds an editable install from
+    a temporary directory, and two environments (CUDA and CPU-only torch) do not
+    overwrite each other's objects."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp-torch-{torch.__version__}")
+
+
 setup(
     name="danet-ext",
     version=VERSION,
     description="Fused DANet position and channel attention for PyTorch (CPU and CUDA kernels)",
     packages=find_packages(include=["danet_ext", "danet_ext.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
     entry_points={"console_scripts": ["danet-ext=danet_ext.cli:main"]},
 )

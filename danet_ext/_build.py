@@ -41,13 +41,17 @@ def _load():
             stacklevel=3,
         )
         return False
-    info = json.loads(torch.ops.danet_ext.build_info())
-    if info["torch_version"] != torch.__version__:
-        raise StaleBuildError(
-            f"danet_ext._C was built against torch {info['torch_version']} but torch "
-            f"{torch.__version__} is installed: {REBUILD_HINT}"
-        )
+    check_built_against(json.loads(torch.ops.danet_ext.build_info())["torch_version"], torch.__version__)
     return True
+
+
+def check_built_against(built_torch: str, runtime_torch: str) -> None:
+    """Raise StaleBuildError unless the extension was built against the running torch."""
+    if built_torch != runtime_torch:
+        raise StaleBuildError(
+            f"danet_ext._C was built against torch {built_torch} but torch {runtime_torch} "
+            f"is installed: {REBUILD_HINT}"
+        )
 
 
 HAVE_EXTENSION: bool = _load()

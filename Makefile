@@ -1,0 +1,58 @@
+# One-command set-up and runs. Each target creates (or reuses) a virtual
+# environment, installs the pinned requirements, builds the extension against
+# the installed torch (no build isolation) and runs.
+#
+#   make demo        the main job: train a small DANet on synthetic data, then compare backends
+#   make test        the test suite
+#   make bench       CPU benchmarks -> bench-out/
+#   make cmake-test  the C++ library and its ctest
+#   make gpu-suite   on a machine with a GPU and torch preinstalled (no internet)
+#
+# Variables: VENV (.venv), TORCH_SPEC (torch==2.14.1; torch==2.13.0 is a CPU-only build),
+# TORCH_CUDA_ARCH_LIST (8.0;9.0), MAX_JOBS (2), PYTEST_ARGS.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+PYTEST_ARGS ?=
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+# The CUDA kernels are compiled when the torch is a CUDA build and nvcc is found.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+BIN := $(VENV)/bin
+
+.PHONY: env build test demo bench cmake-test gpu-suite clean
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -r requirements.txt
+	touch $@
+
+env: $(BIN)/.installed
+
+build: env
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -c "import danet_ext, json; print('danet_ext build:', json.dumps(danet_ext.build_info()))"
+
+test: build
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(BIN)/danet-ext demo
+
+bench: build
+	$(BIN)/danet-ext bench --out bench-out
+
+cmake-test: env
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake -j$(MAX_JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
+
+clean:
+	rm -rf build danet_ext/_C*.so *.egg-info
