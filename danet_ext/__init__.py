@@ -2,10 +2,19 @@
 from ._build import HAVE_EXTENSION, build_info
 from .ops import channel_attention, position_attention
 from . import reference
+from .nn import ChannelAttention, DANetHead, PositionAttention, set_backend
+from .models import DANet, DANetLoss, load_torchvision_resnet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelAttention",
+    "DANet",
+    "DANetHead",
+    "DANetLoss",
+    "PositionAttention",
+    "load_torchvision_resnet",
+    "set_backend",
     "HAVE_EXTENSION",
     "build_info",
     "channel_attention",

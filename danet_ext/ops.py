@@ -137,7 +137,8 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor, *, backend: st
     Returns:
         (B, C, H, W) tensor, dtype and device of `value`.
     """
-    check_position_attention_inputs(query, key, value)
+    if not torch.jit.is_tracing():  # traced shapes are tensors; the traced reference checks them
+        check_position_attention_inputs(query, key, value)
     query, key, value = _autocast(query, key, value)
     if use_kernel(backend, value.device, value.dtype, "position_attention"):
         return torch.ops.danet_ext.position_attention_forward(query, key, value)[0]
@@ -155,7 +156,8 @@ def channel_attention(x: Tensor, *, backend: str = "auto") -> Tensor:
     Returns:
         (B, C, H, W) tensor, dtype and device of `x`.
     """
-    check_channel_attention_inputs(x)
+    if not torch.jit.is_tracing():
+        check_channel_attention_inputs(x)
     (x,) = _autocast(x)
     if use_kernel(backend, x.device, x.dtype, "channel_attention"):
         return torch.ops.danet_ext.channel_attention_forward(x)[0]

@@ -1,0 +1,282 @@
+"""The nn.Modules and the full DANet: backends agree, official checkpoints load."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import danet_ext
+from danet_ext import ChannelAttention, DANet, DANetHead, DANetLoss, PositionAttention
+from danet_ext.models import dilated_resnet, load_torchvision_resnet
+
+needs_extension = pytest.mark.skipif(not danet_ext.HAVE_EXTENSION, reason="danet_ext._C is not built")
+
+
+# The official modules, written the way the official DANet code writes them; their
+# state dicts are the checkpoints users bring.
+class OfficialPAM(nn.Module):
+    def __init__(self, in_dim):
+        super().__init__()
+        self.chanel_in = in_dim
+        self.query_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        m_batchsize, C, height, width = x.size()
+        proj_query = self.query_conv(x).view(m_batchsize, -1, width * height).permute(0, 2, 1)
+        proj_key = self.key_conv(x).view(m_batchsize, -1, width * height)
+        energy = torch.bmm(proj_query, proj_key)
+        attention = self.softmax(energy)
+        proj_value = self.value_conv(x).view(m_batchsize, -1, width * height)
+        out = torch.bmm(proj_value, attention.permute(0, 2, 1))
+        out = out.view(m_batchsize, C, height, width)
+        return self.gamma * out + x
+
+
+class OfficialCAM(nn.Module):
+    def __init__(self, in_dim):
+        super().__init__()
+        self.chanel_in = in_dim
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        m_batchsize, C, height, width = x.size()
+        proj_query = x.view(m_batchsize, C, -1)
+        proj_key = x.view(m_batchsize, C, -1).permute(0, 2, 1)
+        energy = torch.bmm(proj_query, proj_key)
+        energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+        attention = self.softmax(energy_new)
+        proj_value = x.view(m_batchsize, C, -1)
+        out = torch.bmm(attention, proj_value)
+        out = out.view(m_batchsize, C, height, width)
+        return self.gamma * out + x
+
+
+def randomize(module):
+    """Non-trivial parameters and BN statistics (gamma starts at 0, which would hide attention)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if "gamma" in name else 0.1))
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def run_backward(module, x):
+    x = x.clone().requires_grad_(True)
+    module.zero_grad()
+    out = module(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().square().mean() for o in outs).backward()
+    return [o.detach() for o in outs], x.grad, {n: p.grad.clone() for n, p in module.named_parameters()
+                                                if p.grad is not None}
+
+
+def assert_same_results(a, b, rtol=1e-4, atol=1e-5):
+    (outs_a, gx_a, gp_a), (outs_b, gx_b, gp_b) = a, b
+    for oa, ob in zip(outs_a, outs_b):
+        torch.testing.assert_close(oa, ob, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gx_a, gx_b, rtol=rtol, atol=atol)
+    assert gp_a.keys() == gp_b.keys()
+    for n in gp_a:
+        torch.testing.assert_close(gp_a[n], gp_b[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+@needs_extension
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("make", [lambda be: PositionAttention(64, backend=be),
+                                  lambda be: ChannelAttention(backend=be),
+                                  lambda be: DANetHead(128, 5, backend=be)], ids=["pam", "cam", "head"])
+def test_extension_backend_matches_reference(make, train):
+    torch.manual_seed(0)
+    ext = randomize(make("extension")).train(train)
+    ref = make("reference").train(train)
+    ref.load_state_dict(ext.state_dict())
+    x = torch.randn(2, ext.conv5a[0].in_channels if isinstance(ext, DANetHead) else 64, 9, 11)
+    torch.manual_seed(1)  # same dropout masks
+    a = run_backward(ext, x)
+    torch.manual_seed(1)
+    b = run_backward(ref, x)
+    assert_same_results(a, b)
+
+
+def test_official_pam_and_cam_state_dicts_load_and_reproduce_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 7, 9)
+    official_pam = randomize(OfficialPAM(64))
+    ours = PositionAttention(64, backend="reference")
+    ours.load_state_dict(official_pam.state_dict(), strict=True)
+    assert set(ours.state_dict()) == {"query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+                                      "value_conv.weight", "value_conv.bias", "gamma"}
+    assert ours.gamma.shape == (1,) and PositionAttention(64).gamma.item() == 0.0
+    assert torch.equal(ours(x), official_pam(x))
+    official_cam = randomize(OfficialCAM(64))
+    ours_cam = ChannelAttention(backend="reference")
+    ours_cam.load_state_dict(official_cam.state_dict(), strict=True)
+    assert torch.equal(ours_cam(x), official_cam(x))
+    if danet_ext.HAVE_EXTENSION:
+        torch.testing.assert_close(danet_ext.set_backend(ours, "extension")(x), official_pam(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(danet_ext.set_backend(ours_cam, "extension")(x), official_cam(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def official_head_keys():
+    keys = set()
+    for conv in ("conv5a", "conv5c", "conv51", "conv52"):
+        keys |= {f"{conv}.0.weight"} | {f"{conv}.1.{s}" for s in
+                                        ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    for conv in ("conv6", "conv7", "conv8"):
+        keys |= {f"{conv}.1.weight", f"{conv}.1.bias"}
+    keys |= {f"sa.{c}.{w}" for c in ("query_conv", "key_conv", "value_conv") for w in ("weight", "bias")}
+    keys |= {"sa.gamma", "sc.gamma"}
+    return keys
+
+
+def official_resnet_keys(depths, deep_stem):
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = set()
+    if deep_stem:
+        keys |= {"conv1.0.weight", "conv1.3.weight", "conv1.6.weight"}
+        keys |= {f"conv1.{i}.{s}" for i in (1, 4) for s in bn}
+    else:
+        keys |= {"conv1.weight"}
+    keys |= {f"bn1.{s}" for s in bn} | {"fc.weight", "fc.bias"}
+    for li, blocks in enumerate(depths, start=1):
+        for b in range(blocks):
+            p = f"layer{li}.{b}"
+            keys |= {f"{p}.conv{i}.weight" for i in (1, 2, 3)}
+            keys |= {f"{p}.bn{i}.{s}" for i in (1, 2, 3) for s in bn}
+            if b == 0:
+                keys |= {f"{p}.downsample.0.weight"} | {f"{p}.downsample.1.{s}" for s in bn}
+    return keys
+
+
+@pytest.mark.parametrize("deep_stem", [False, True])
+def test_full_model_has_the_official_checkpoint_keys(deep_stem):
+    model = DANet(19, backbone="resnet50", deep_stem=deep_stem)
+    expected = {f"pretrained.{k}" for k in official_resnet_keys((3, 4, 6, 3), deep_stem)}
+    expected |= {f"head.{k}" for k in official_head_keys()}
+    assert set(model.state_dict()) == expected
+    # a checkpoint with exactly these keys and shapes loads strictly into a fresh model
+    clone = DANet(19, backbone="resnet50", deep_stem=deep_stem)
+    clone.load_state_dict(randomize(model).state_dict(), strict=True)
+    assert torch.equal(clone.head.sa.gamma, model.head.sa.gamma)
+
+
+def test_dilations_follow_output_stride_and_multi_grid():
+    net = dilated_resnet("resnet50", output_stride=8, multi_grid=(4, 8, 16))
+    assert [b.conv2.dilation[0] for b in net.layer3] == [1] + [2] * 5
+    assert [b.conv2.dilation[0] for b in net.layer4] == [4, 8, 16]
+    assert net.layer3[0].conv2.stride == (1, 1)
+    x = torch.randn(1, 3, 64, 64)
+    assert net.eval().forward_features(x)[3].shape == (1, 2048, 8, 8)
+    net16 = dilated_resnet("resnet50", output_stride=16).eval()
+    assert net16.forward_features(x)[3].shape == (1, 2048, 4, 4)
+    assert [b.conv2.dilation[0] for b in net16.layer4] == [1, 2, 2]
+    with pytest.raises(ValueError, match="output_stride"):
+        dilated_resnet("resnet50", output_stride=4)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        dilated_resnet("resnet18")
+
+
+def test_load_torchvision_format_backbone(tmp_path):
+    src = randomize(dilated_resnet("resnet50"))
+    path = tmp_path / "resnet50.pth"
+    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)  # DataParallel-style keys
+    model = DANet(3, backbone="resnet50")
+    load_torchvision_resnet(model.pretrained, str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.pretrained.state_dict()[k], v)
+
+
+@pytest.fixture(scope="module")
+def small_danet():
+    torch.manual_seed(0)
+    return randomize(DANet(4, backbone="resnet50")).eval()
+
+
+def test_full_danet_outputs_and_loss(small_danet):
+    x = torch.randn(2, 3, 65, 97)
+    model = copy.deepcopy(small_danet).train()
+    outs = model(x)
+    assert isinstance(outs, tuple) and len(outs) == 3
+    assert all(o.shape == (2, 4, 65, 97) for o in outs)
+    target = torch.randint(0, 4, (2, 65, 97))
+    target[0, :5] = -1  # ignored pixels
+    loss = DANetLoss()(outs, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.head.sa.gamma.grad is not None and model.head.sc.gamma.grad is not None
+    assert model.pretrained.conv1.weight.grad is not None
+    model.aux = False
+    single = model.eval()(x)
+    assert isinstance(single, torch.Tensor) and single.shape == (2, 4, 65, 97)
+    assert torch.isfinite(DANetLoss()(single, target))
+
+
+@needs_extension
+def test_full_danet_extension_matches_reference_and_channels_last(small_danet):
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        ext = danet_ext.set_backend(copy.deepcopy(small_danet), "extension")(x)
+        ref = danet_ext.set_backend(copy.deepcopy(small_danet), "reference")(x)
+        cl_model = danet_ext.set_backend(copy.deepcopy(small_danet), "extension").to(memory_format=torch.channels_last)
+        cl = cl_model(x.to(memory_format=torch.channels_last))
+    for a, b, c in zip(ext, ref, cl):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_extension
+def test_full_danet_torch_compile_smoke(small_danet):
+    model = danet_ext.set_backend(copy.deepcopy(small_danet), "extension")
+    x = torch.randn(1, 3, 33, 41)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for a, b in zip(compiled(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tracing_uses_the_reference_path(small_danet):
+    head = small_danet.head
+    x = torch.randn(1, 2048, 5, 6)
+    traced = torch.jit.trace(head, x, check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "danet_ext::" not in graph and "aten::bmm" in graph
+    with torch.no_grad():
+        for a, b in zip(traced(x), head(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_smoke(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    head = DANetHead(128, 3).eval()
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(head, (torch.randn(1, 128, 5, 6),), str(path), dynamo=False)
+    assert path.stat().st_size > 0
+    ort = pytest.importorskip("onnxruntime")
+    x = torch.randn(1, 128, 5, 6)
+    sess = ort.InferenceSession(str(path))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), head(x)[0].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_sync_batchnorm_conversion():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(DANet(3, backbone="resnet50"))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert isinstance(model.head.sa, PositionAttention)
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match="in_channels // reduction"):
+        PositionAttention(4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ChannelAttention(backend="triton")
