@@ -19,6 +19,28 @@ import sys
 
 from setuptools import find_packages, setup
 
+def _default_cuda_home():
+    """If CUDA_HOME is unset, the toolkit that `nvcc` on PATH belongs to, or
+    /usr/local/cuda. (PyTorch's own guess takes the folder above the nvcc it
+    finds, which for a wrapper script such as /usr/local/bin/nvcc is /usr/local,
+    where the CUDA headers and libraries are not.)"""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_default_cuda_home()
+
 try:
     import torch
     from torch.utils import cpp_extension
