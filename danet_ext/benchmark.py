@@ -2,7 +2,8 @@
 (the official bmm/softmax/bmm code) and scaled_dot_product_attention.
 
 Used by `danet-ext bench` and the scripts in benchmarks/. Timings are medians
-over repeats after a warm-up; memory is the peak extra memory of one call above
+over repeats after a warm-up; memory is the peak extra memory of one further call
+(steady state: one-time buffers of BLAS libraries are not counted) above
 what its inputs already hold: on CUDA from the caching allocator's statistics,
 on the CPU from the process's peak resident set (Linux: VmHWM, reset through
 /proc/self/clear_refs, with glibc told to return large blocks to the system).
@@ -228,8 +229,8 @@ def bench_position_attention(sizes, B=1, Cq=64, C=512, device="cpu", dtype=torch
 
                 try:
                     with torch.set_grad_enabled(backward):
-                        mem = peak_memory(run, device)
                         seconds = time_call(run, device, repeats=repeats)
+                        mem = peak_memory(run, device)  # after the warm-up: steady state
                     flops = pam_flops(B, Cq, C, N) * (3 if backward else 1)
                     results.append(Result("position_attention", impl, mode, shape, N, seconds, mem,
                                           gflops=flops / seconds / 1e9))
@@ -266,8 +267,8 @@ def bench_channel_attention(sizes, channels=(256, 512), B=1, device="cpu", dtype
                         return out
 
                     with torch.set_grad_enabled(backward):
-                        mem = peak_memory(run, device)
                         seconds = time_call(run, device, repeats=repeats)
+                        mem = peak_memory(run, device)  # after the warm-up: steady state
                     flops = cam_flops(B, C, H * W) * (3 if backward else 1)
                     results.append(Result("channel_attention", impl, mode, f"{B}x{C}x{H}x{W}", H * W, seconds, mem,
                                           gflops=flops / seconds / 1e9, extra={"C": C}))
@@ -299,8 +300,8 @@ def bench_module(name: str, make_module: Callable[[str], torch.nn.Module], make_
                 return outs
 
             with torch.set_grad_enabled(backward):
-                mem = peak_memory(run, device)
                 seconds = time_call(run, device, repeats=repeats)
+                mem = peak_memory(run, device)
             results.append(Result(name, impl, mode, "x".join(map(str, x.shape)), x.shape[2] * x.shape[3],
                                   seconds, mem))
             if progress is not None:

@@ -33,6 +33,19 @@ constexpr int kCols = kTileK / 16;            // key columns per thread
 constexpr int kChans = kTileC / 16;           // value channels per thread (forward)
 constexpr int kChansGrad = kTileCGrad / 16;   // value channels per thread (dV)
 
+// dst[r][x] = src[(r0 + r) * N + x0 + x] for r < kRowsS, x < kWidth, as float;
+// 0 where r0 + r >= rows or x0 + x >= N. src is a (rows x N) slab with row
+// stride N; consecutive threads read consecutive x (coalesced).
+template <int kRowsS, int kWidth, int kPitch, typename T>
+__device__ __forceinline__ void stage_slab(const T* __restrict__ src, int64_t rows, int64_t N, int64_t r0,
+                                           int64_t x0, float (*dst)[kPitch]) {
+  for (int e = threadIdx.x; e < kRowsS * kWidth; e += kThreads) {
+    const int r = e / kWidth, x = e % kWidth;
+    const int64_t gr = r0 + r, gx = x0 + x;
+    dst[r][x] = (gr < rows && gx < N) ? to_float(src[gr * N + gx]) : 0.f;
+  }
+}
+
 // acc[r][c] += sum_d A[d, i0 + ty + 16 r] * B[d, j0 + tx + 16 c] over d < depth,
 // where A and B are (depth x N) slabs with row stride N (Q and K, or dO and
 // V). Entries past N or depth read as 0. Ends with a barrier, so the staging
@@ -42,18 +55,10 @@ __device__ void accumulate_tile_product(const T* __restrict__ a, const T* __rest
                                         int64_t depth, int64_t N, int64_t i0, int64_t j0,
                                         float (*as)[kTileQ], float (*bs)[kTileK],
                                         float acc[kRows][kCols]) {
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int64_t d0 = 0; d0 < depth; d0 += kDepth) {
-    for (int e = tid; e < kDepth * kTileQ; e += kThreads) {
-      const int d = e / kTileQ, i = e % kTileQ;
-      const int64_t gd = d0 + d, gi = i0 + i;
-      as[d][i] = (gd < depth && gi < N) ? to_float(a[gd * N + gi]) : 0.f;
-    }
-    for (int e = tid; e < kDepth * kTileK; e += kThreads) {
-      const int d = e / kTileK, j = e % kTileK;
-      const int64_t gd = d0 + d, gj = j0 + j;
-      bs[d][j] = (gd < depth && gj < N) ? to_float(b[gd * N + gj]) : 0.f;
-    }
+    stage_slab<kDepth, kTileQ, kTileQ>(a, depth, N, d0, i0, as);
+    stage_slab<kDepth, kTileK, kTileK>(b, depth, N, d0, j0, bs);
     __syncthreads();
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
@@ -128,11 +133,7 @@ __global__ void __launch_bounds__(kThreads)
       row_l[r] = online_sum(row_l[r], rescale[r], sum16(tile_sum));
       row_m[r] = m_new;
     }
-    for (int e = tid; e < kTileC * kTileK; e += kThreads) {
-      const int c = e / kTileK, j = e % kTileK;
-      const int64_t gc = c0 + c, gj = j0 + j;
-      vs[c][j] = (gc < C && gj < N) ? to_float(vb[gc * N + gj]) : 0.f;
-    }
+    stage_slab<kTileC, kTileK, kTileK + 1>(vb, C, N, c0, j0, vs);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
@@ -271,16 +272,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     for (int64_t d0 = 0; d0 < Cq; d0 += kDepth) {
-      for (int e = tid; e < kDepth * kTileQ; e += kThreads) {
-        const int d = e / kTileQ, i = e % kTileQ;
-        const int64_t gd = d0 + d, gi = i0 + i;
-        as[d][i] = (gd < Cq && gi < N) ? to_float(qb[gd * N + gi]) : 0.f;
-      }
-      for (int e = tid; e < kDepth * kTileK; e += kThreads) {
-        const int d = e / kTileK, j = e % kTileK;
-        const int64_t gd = d0 + d, gj = j0 + j;
-        bs[d][j] = (gd < Cq && gj < N) ? to_float(kb[gd * N + gj]) : 0.f;
-      }
+      stage_slab<kDepth, kTileQ, kTileQ>(qb, Cq, N, d0, i0, as);
+      stage_slab<kDepth, kTileK, kTileK>(kb, Cq, N, d0, j0, bs);
       __syncthreads();
       for (int e = tid; e < kDepth * kTileK; e += kThreads) {  // dK: (d, j)
         const int d = e / kTileK, j = e % kTileK;
@@ -345,11 +338,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int c = 0; c < kCols; ++c) ps[ty + 16 * r][tx + 16 * c] = p[r][c];
-    for (int e = tid; e < kTileCGrad * kTileQ; e += kThreads) {
-      const int c = e / kTileQ, i = e % kTileQ;
-      const int64_t gc = c0 + c, gi = i0 + i;
-      dos[c][i] = (gc < C && gi < N) ? to_float(dob[gc * N + gi]) : 0.f;
-    }
+    stage_slab<kTileCGrad, kTileQ, kTileQ + 1>(dob, C, N, c0, i0, dos);
     __syncthreads();
 #pragma unroll 4
     for (int i = 0; i < kTileQ; ++i) {

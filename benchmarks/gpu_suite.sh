@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU suite, for a machine with a CUDA GPU and PyTorch preinstalled but no
+# internet (`make gpu-suite`). Builds the extension for the local GPU, runs the
+# CUDA tests for all dtypes, compute-sanitizer (memcheck, racecheck) over small
+# PAM and CAM forward+backward calls, and the GPU benchmarks. Everything goes
+# into one folder (GPU_SUITE_OUT, default gpu-out/); where $OUT is set (the
+# device tool), a summary and a tarball of that folder are copied there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DIR=${GPU_SUITE_OUT:-gpu-out}
+mkdir -p "$DIR"
+SUMMARY="$DIR/summary.txt"
+: > "$SUMMARY"
+status=0
+step() {  # step NAME COMMAND...: run, log to $DIR/NAME.log, record pass/fail and time
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$SUMMARY"
+  if "$@" > "$DIR/$name.log" 2>&1; then
+    echo "=== $name: ok ($((SECONDS - t0)) s)" | tee -a "$SUMMARY"
+  else
+    echo "=== $name: FAILED ($((SECONDS - t0)) s), last lines:" | tee -a "$SUMMARY"
+    tail -n 30 "$DIR/$name.log" | tee -a "$SUMMARY"
+    status=1
+  fi
+}
+
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$SUMMARY"
+ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+export MAX_JOBS=${MAX_JOBS:-16}
+echo "torch $($PY -c 'import torch; print(torch.__version__)'), building for sm_${ARCH}" | tee -a "$SUMMARY"
+
+step build $PY setup.py build_ext --inplace
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+step info $PY -m danet_ext info
+step check $PY -m danet_ext check --device cuda
+step tests_cuda $PY -m pytest -q -m cuda tests -p no:cacheprovider
+step tests_build env DANET_EXT_EXPECT_CUDA=1 $PY -m pytest -q tests/test_build.py -p no:cacheprovider
+if command -v compute-sanitizer > /dev/null; then
+  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_sanitizer_cases.py
+  step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/gpu_sanitizer_cases.py
+else
+  echo "=== compute-sanitizer not found: skipped" | tee -a "$SUMMARY"
+fi
+for dtype in float32 float16 bfloat16; do
+  step bench_pam_$dtype $PY benchmarks/bench_position_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
+  step bench_cam_$dtype $PY benchmarks/bench_channel_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
+done
+grep -h "^target:\|^position_attention\|^channel_attention" "$DIR"/bench_*.log >> "$SUMMARY" 2>/dev/null
+
+if [ -n "${OUT:-}" ]; then
+  cp "$SUMMARY" "$OUT/summary.txt"
+  tar -czf "$OUT/gpu_suite.tar.gz" "$DIR"
+fi
+echo "GPU suite finished: $([ $status = 0 ] && echo all steps ok || echo SOME STEPS FAILED); results in $DIR"
+exit $status
