@@ -46,16 +46,19 @@ __device__ __forceinline__ void stage_slab(const T* __restrict__ src, int64_t ro
   }
 }
 
-// acc[r][c] += sum_d A[d, i0 + ty + 16 r] * B[d, j0 + tx + 16 c] over d < depth,
+// acc[r][c] = sum_d A[d, i0 + ty + 16 r] * B[d, j0 + tx + 16 c] over d < depth,
 // where A and B are (depth x N) slabs with row stride N (Q and K, or dO and
 // V). Entries past N or depth read as 0. Ends with a barrier, so the staging
 // buffers may be reused at once.
 template <typename T>
-__device__ void accumulate_tile_product(const T* __restrict__ a, const T* __restrict__ b,
-                                        int64_t depth, int64_t N, int64_t i0, int64_t j0,
-                                        float (*as)[kTileQ], float (*bs)[kTileK],
-                                        float acc[kRows][kCols]) {
+__device__ void tile_product(const T* __restrict__ a, const T* __restrict__ b, int64_t depth, int64_t N,
+                             int64_t i0, int64_t j0, float (*as)[kTileQ], float (*bs)[kTileK],
+                             float acc[kRows][kCols]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
   for (int64_t d0 = 0; d0 < depth; d0 += kDepth) {
     stage_slab<kDepth, kTileQ, kTileQ>(a, depth, N, d0, i0, as);
     stage_slab<kDepth, kTileK, kTileK>(b, depth, N, d0, j0, bs);
@@ -104,11 +107,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t j0 = 0; j0 < N; j0 += kTileK) {
     float s[kRows][kCols];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) s[r][c] = 0.f;
-    accumulate_tile_product(qb, kb, Cq, N, i0, j0, qs, ks, s);
+    tile_product(qb, kb, Cq, N, i0, j0, qs, ks, s);
 
     float rescale[kRows];
 #pragma unroll
@@ -255,13 +254,9 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t i0 = 0; i0 < N; i0 += kTileQ) {
     float p[kRows][kCols], dp[kRows][kCols];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) p[r][c] = dp[r][c] = 0.f;
-    accumulate_tile_product(qb, kb, Cq, N, i0, j0, as, bs, p);
+    tile_product(qb, kb, Cq, N, i0, j0, as, bs, p);
     probs_from_stats(stats_b, N, i0, j0, p);
-    accumulate_tile_product(dob, vb, C, N, i0, j0, as, bs, dp);
+    tile_product(dob, vb, C, N, i0, j0, as, bs, dp);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = i0 + ty + 16 * r;
@@ -328,11 +323,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t i0 = 0; i0 < N; i0 += kTileQ) {
     float p[kRows][kCols];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) p[r][c] = 0.f;
-    accumulate_tile_product(qb, kb, Cq, N, i0, j0, as, bs, p);
+    tile_product(qb, kb, Cq, N, i0, j0, as, bs, p);
     probs_from_stats(stats_b, N, i0, j0, p);
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
