@@ -280,3 +280,39 @@ def test_module_argument_errors():
         PositionAttention(4)
     with pytest.raises(ValueError, match="backend must be one of"):
         ChannelAttention(backend="triton")
+
+
+def _ddp_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    head = randomize(DANetHead(64, 3)).eval()  # eval: no dropout, fixed BN statistics; gamma != 0
+    ddp = nn.parallel.DistributedDataParallel(head)
+    x = torch.randn(4, 64, 6, 7)[rank * 2:(rank + 1) * 2]  # each rank half of the batch
+    sum(o.square().mean() for o in ddp(x)).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in head.named_parameters()}, result_path)
+    dist.destroy_process_group()
+
+
+@needs_extension
+def test_distributed_data_parallel_matches_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "grads.pt")
+    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    ddp_grads = torch.load(path)
+    torch.manual_seed(0)
+    head = randomize(DANetHead(64, 3)).eval()
+    x = torch.randn(4, 64, 6, 7)
+    # DDP averages the two ranks' gradients of their own half-batch losses
+    loss = sum(sum(o.square().mean() for o in head(x[i * 2:(i + 1) * 2])) for i in range(2)) / 2
+    loss.backward()
+    for n, p in head.named_parameters():
+        torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
