@@ -316,3 +316,19 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
     loss.backward()
     for n, p in head.named_parameters():
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@needs_extension
+def test_head_under_autocast_bfloat16():
+    torch.manual_seed(0)
+    head = randomize(DANetHead(64, 3)).eval()
+    x = torch.randn(2, 64, 9, 11, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = head(x)
+    sum(o.float().square().mean() for o in outs).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        expected = danet_ext.set_backend(copy.deepcopy(head), "reference")(x)
+    for o, e in zip(outs, expected):
+        assert o.dtype == torch.bfloat16
+        assert (o.float() - e).abs().max() < 0.05 * e.abs().max() + 0.05
