@@ -73,6 +73,15 @@ def report_targets(results, meta, device):
         if big and big.peak_bytes is not None:
             lines.append(("forward at 128x256 in under 2 GB extra", f"{big.peak_bytes / 1e9:.2f} GB",
                           big.peak_bytes < 2e9))
+    if device == "cuda":
+        for shape in ("1x512x64x64", "1x512x128x128", "1x512x128x256"):
+            ours, sdpa, ref = (find(results, i, "forward", shape) for i in ("danet_ext", "sdpa", "reference"))
+            if ours and sdpa and meta.get("dtype") in ("float16", "bfloat16"):
+                lines.append((f"{meta['dtype']} forward at least as fast as SDPA at {shape}",
+                              f"{sdpa.seconds / ours.seconds:.2f}x SDPA's speed", ours.seconds <= sdpa.seconds))
+            if ours and ref and meta.get("dtype") == "float32":
+                lines.append((f"float32 forward >= 3x the reference at {shape}",
+                              f"{ref.seconds / ours.seconds:.2f}x", ref.seconds / ours.seconds >= 3))
     for what, got, ok in lines:
         print(f"target: {what}: {got} -> {'met' if ok else 'NOT met'}")
 

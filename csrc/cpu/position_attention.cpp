@@ -135,7 +135,10 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     std::fill(dq_partial.begin(), dq_partial.end(), scalar_t(0));
     at::parallel_for(0, k_blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
-      scalar_t* dq_mine = dq_partial.data() + at::get_thread_num() * Cq * N;
+      const int64_t tid = at::get_thread_num();
+      TORCH_CHECK(tid < num_threads, "danet_ext: thread ", tid, " outside the ", num_threads,
+                  " dQ buffers (was torch.set_num_threads called during the backward?)");
+      scalar_t* dq_mine = dq_partial.data() + tid * Cq * N;
       for (int64_t jb = begin; jb < end; ++jb) {
         const int64_t j0 = jb * block_k;
         const int64_t bk = std::min(block_k, N - j0);
