@@ -62,10 +62,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = 0; r < 4; ++r) av[r] = as[kk][ty + 16 * r];
 #pragma unroll
       for (int q = 0; q < 4; ++q) bv[q] = bs[kk][tx + 16 * q];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
+      rank1_update(acc, av, bv);
     }
     __syncthreads();
   }

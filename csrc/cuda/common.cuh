@@ -34,6 +34,15 @@ __device__ __forceinline__ T from_float(float v) {
   return static_cast<T>(v);
 }
 
+// acc[r][c] += a[r] * b[c]: the register-tile step of every product here.
+template <int kR, int kC>
+__device__ __forceinline__ void rank1_update(float (&acc)[kR][kC], const float (&a)[kR], const float (&b)[kC]) {
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int c = 0; c < kC; ++c) acc[r][c] += a[r] * b[c];
+}
+
 // Reduce over the 16 lanes that share a row (lanes 0-15 or 16-31 of a warp).
 __device__ __forceinline__ float max16(float v) {
 #pragma unroll

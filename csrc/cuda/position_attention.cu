@@ -53,7 +53,7 @@ __device__ __forceinline__ void stage_slab(const T* __restrict__ src, int64_t ro
 template <typename T>
 __device__ void tile_product(const T* __restrict__ a, const T* __restrict__ b, int64_t depth, int64_t N,
                              int64_t i0, int64_t j0, float (*as)[kTileQ], float (*bs)[kTileK],
-                             float acc[kRows][kCols]) {
+                             float (&acc)[kRows][kCols]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
@@ -70,10 +70,7 @@ __device__ void tile_product(const T* __restrict__ a, const T* __restrict__ b, i
       for (int r = 0; r < kRows; ++r) av[r] = as[d][ty + 16 * r];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) bv[c] = bs[d][tx + 16 * c];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[r][c] += av[r] * bv[c];
+      rank1_update(acc, av, bv);
     }
     __syncthreads();
   }
@@ -145,10 +142,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = 0; r < kRows; ++r) pv[r] = ps[ty + 16 * r][j];
 #pragma unroll
       for (int ch = 0; ch < kChans; ++ch) vv[ch] = vs[tx + 16 * ch][j];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int ch = 0; ch < kChans; ++ch) acc[r][ch] += pv[r] * vv[ch];
+      rank1_update(acc, pv, vv);
     }
     __syncthreads();
   }
@@ -338,10 +332,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int rc = 0; rc < kChansGrad; ++rc) dov[rc] = dos[ty + 16 * rc][i];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) pv[c] = ps[i][tx + 16 * c];
-#pragma unroll
-      for (int rc = 0; rc < kChansGrad; ++rc)
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[rc][c] += dov[rc] * pv[c];
+      rank1_update(acc, dov, pv);
     }
     __syncthreads();
   }
