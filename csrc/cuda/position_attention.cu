@@ -51,7 +51,7 @@ __device__ __forceinline__ void stage_slab(const T* __restrict__ src, int64_t ro
 // V). Entries past N or depth read as 0. Ends with a barrier, so the staging
 // buffers may be reused at once.
 template <typename T>
-__device__ void tile_product(const T* __restrict__ a, const T* __restrict__ b, int64_t depth, int64_t N,
+__device__ __forceinline__ void tile_product(const T* __restrict__ a, const T* __restrict__ b, int64_t depth, int64_t N,
                              int64_t i0, int64_t j0, float (*as)[kTileQ], float (*bs)[kTileK],
                              float (&acc)[kRows][kCols]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
