@@ -104,10 +104,16 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
                      int64_t Cq, int64_t C, int64_t N) {
   const int64_t num_threads = at::get_num_threads();
-  // Key blocks are the unit of parallel work: narrow them for small N so that
-  // every thread gets some.
+  // Key blocks are the unit of parallel work. Take the widest block whose
+  // split over the threads leaves them at most ~10 % idle (e.g. N = 2304 on 2
+  // threads: 5 blocks of 512 would idle one thread for a fifth of the time).
   int64_t block_k = kBwdBlockK;
-  while (block_k > 64 && (N + block_k - 1) / block_k < 2 * num_threads) block_k /= 2;
+  while (block_k > 64) {
+    const int64_t blocks = (N + block_k - 1) / block_k;
+    const int64_t rounds = (blocks + num_threads - 1) / num_threads;
+    if (rounds * block_k * num_threads * 10 <= std::max<int64_t>(N, 1) * 11) break;
+    block_k /= 2;
+  }
   const int64_t k_blocks = (N + block_k - 1) / block_k;
   // D_i = sum_c dO[c,i] O[c,i] is accumulated in double: dS = P (dP - D)
   // cancels, so D's rounding would otherwise dominate the error of dQ and dK.
