@@ -35,31 +35,50 @@ constexpr int64_t kBlockK = 256;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 512;
 
+// The widest block, halving from `widest` down to `narrowest`, whose tasks
+// (batches x blocks) split over the threads leave them at most ~10 % idle:
+// e.g. N = 2304 on 2 threads, five key blocks of 512 would idle one thread for
+// a fifth of the time, eighteen of 128 split evenly.
+int64_t balanced_block(int64_t n, int64_t batches, int64_t widest, int64_t narrowest,
+                       int64_t threads) {
+  int64_t block = widest;
+  while (block > narrowest) {
+    const int64_t tasks = batches * ((n + block - 1) / block);
+    const int64_t rounds = (tasks + threads - 1) / threads;
+    if (rounds * block * threads * 10 <= std::max<int64_t>(batches * n, 1) * 11) break;
+    block /= 2;
+  }
+  return block;
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                     scalar_t* out, scalar_t* stats, int64_t B, int64_t Cq,
                     int64_t C, int64_t N) {
-  const int64_t q_blocks = (N + kBlockQ - 1) / kBlockQ;
+  const int64_t block_q = balanced_block(N, B, kBlockQ, 32, at::get_num_threads());
+  const int64_t q_blocks = (N + block_q - 1) / block_q;
+  // Small maps take all keys in one tile: fewer, larger products.
+  const int64_t block_k = N <= 4 * kBlockK ? N : kBlockK;
   at::parallel_for(0, B * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> scores(kBlockQ * kBlockK);
-    std::vector<scalar_t> acc(C * kBlockQ);
-    std::vector<scalar_t> row_m(kBlockQ), row_l(kBlockQ), rescale(kBlockQ);
+    std::vector<scalar_t> scores(block_q * block_k);
+    std::vector<scalar_t> acc(C * block_q);
+    std::vector<scalar_t> row_m(block_q), row_l(block_q), rescale(block_q);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / q_blocks;
-      const int64_t i0 = (task % q_blocks) * kBlockQ;
-      const int64_t bq = std::min(kBlockQ, N - i0);
+      const int64_t i0 = (task % q_blocks) * block_q;
+      const int64_t bq = std::min(block_q, N - i0);
       const scalar_t* qb = q + b * Cq * N;
       const scalar_t* kb = k + b * Cq * N;
       const scalar_t* vb = v + b * C * N;
       std::fill(row_m.begin(), row_m.end(), neg_infinity<scalar_t>());
       std::fill(row_l.begin(), row_l.end(), scalar_t(0));
-      for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {
-        const int64_t bk = std::min(kBlockK, N - j0);
+      for (int64_t j0 = 0; j0 < N; j0 += block_k) {
+        const int64_t bk = std::min(block_k, N - j0);
         // S (bq x bk) = Q[:, i0:i0+bq]^T K[:, j0:j0+bk]
         gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0,
-                       scores.data(), kBlockK);
+                       scores.data(), block_k);
         for (int64_t i = 0; i < bq; ++i) {
-          scalar_t* row = scores.data() + i * kBlockK;
+          scalar_t* row = scores.data() + i * block_k;
           const scalar_t m_new = online_max(row_m[i], row_max(row, bk));
           rescale[i] = online_rescale(row_m[i], m_new);
           const scalar_t tile_sum = exp_row_inplace(row, bk, scalar_t(1), exp_offset(m_new));
@@ -68,18 +87,18 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
         }
         if (j0 > 0) {
           for (int64_t c = 0; c < C; ++c) {
-            scalar_t* arow = acc.data() + c * kBlockQ;
+            scalar_t* arow = acc.data() + c * block_q;
             for (int64_t i = 0; i < bq; ++i) arow[i] *= rescale[i];
           }
         }
         // acc (C x bq) += V[:, j0:j0+bk] P^T
         gemm<scalar_t>(false, true, C, bq, bk, 1, vb + j0, N, scores.data(),
-                       kBlockK, j0 > 0 ? 1 : 0, acc.data(), kBlockQ);
+                       block_k, j0 > 0 ? 1 : 0, acc.data(), block_q);
       }
       for (int64_t i = 0; i < bq; ++i) rescale[i] = scalar_t(1) / row_l[i];
       scalar_t* ob = out + b * C * N + i0;
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* arow = acc.data() + c * kBlockQ;
+        const scalar_t* arow = acc.data() + c * block_q;
         scalar_t* orow = ob + c * N;
         for (int64_t i = 0; i < bq; ++i) orow[i] = arow[i] * rescale[i];
       }
@@ -104,16 +123,8 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
                      int64_t Cq, int64_t C, int64_t N) {
   const int64_t num_threads = at::get_num_threads();
-  // Key blocks are the unit of parallel work. Take the widest block whose
-  // split over the threads leaves them at most ~10 % idle (e.g. N = 2304 on 2
-  // threads: 5 blocks of 512 would idle one thread for a fifth of the time).
-  int64_t block_k = kBwdBlockK;
-  while (block_k > 64) {
-    const int64_t blocks = (N + block_k - 1) / block_k;
-    const int64_t rounds = (blocks + num_threads - 1) / num_threads;
-    if (rounds * block_k * num_threads * 10 <= std::max<int64_t>(N, 1) * 11) break;
-    block_k /= 2;
-  }
+  // Key blocks are the unit of parallel work (batches run one after another).
+  const int64_t block_k = balanced_block(N, 1, kBwdBlockK, 64, num_threads);
   const int64_t k_blocks = (N + block_k - 1) / block_k;
   // D_i = sum_c dO[c,i] O[c,i] is accumulated in double: dS = P (dP - D)
   // cancels, so D's rounding would otherwise dominate the error of dQ and dK.
