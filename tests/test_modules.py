@@ -1,6 +1,7 @@
 """The nn.Modules and the full DANet: backends agree, official checkpoints load."""
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -255,15 +256,19 @@ def test_tracing_uses_the_reference_path(small_danet):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_onnx_export_smoke(tmp_path):
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+def test_onnx_export_runs_the_reference_and_matches(tmp_path, dynamo):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    head = DANetHead(128, 3).eval()
+    torch.manual_seed(0)
+    head = randomize(DANetHead(128, 3)).eval()  # gamma != 0, so attention shows in the output
     path = tmp_path / "head.onnx"
-    torch.onnx.export(head, (torch.randn(1, 128, 5, 6),), str(path), dynamo=False)
+    x = torch.randn(1, 128, 5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+        torch.onnx.export(head, (x,), str(path), dynamo=dynamo)
     assert path.stat().st_size > 0
     ort = pytest.importorskip("onnxruntime")
-    x = torch.randn(1, 128, 5, 6)
     sess = ort.InferenceSession(str(path))
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), head(x)[0].detach(), rtol=1e-4, atol=1e-4)
