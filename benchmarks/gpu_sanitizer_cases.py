@@ -1,21 +1,32 @@
 """Small PAM and CAM forward+backward calls on CUDA, for compute-sanitizer
-(memcheck, racecheck): odd sizes that leave partial tiles in every dimension."""
+(memcheck, racecheck): odd sizes that leave partial tiles in every dimension,
+through the CUDA-core kernels and, for float16/bfloat16 on compute capability
+8.0 and newer, the tensor-core forward (DANET_EXT_TENSOR_CORES=1)."""
+import os
+
 import torch
 
 import danet_ext
 
 
-def main():
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    torch.manual_seed(0)
+def run_cases():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for B, Cq, C, H, W in [(2, 3, 5, 7, 9), (1, 64, 130, 9, 11), (1, 1, 1, 1, 1)]:
+        for B, Cq, C, H, W in [(2, 3, 5, 7, 9), (1, 64, 130, 9, 11), (1, 1, 1, 1, 1), (1, 33, 200, 13, 11)]:
             q, k = (torch.randn(B, Cq, H, W, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
             v = torch.randn(B, C, H, W, device="cuda", dtype=dtype, requires_grad=True)
             danet_ext.position_attention(q, k, v, backend="extension").float().square().sum().backward()
             x = torch.randn(B, C, H, W, device="cuda", dtype=dtype, requires_grad=True)
             danet_ext.channel_attention(x, backend="extension").float().square().sum().backward()
     torch.cuda.synchronize()
+
+
+def main():
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    torch.manual_seed(0)
+    run_cases()
+    if torch.cuda.get_device_capability()[0] >= 8:
+        os.environ["DANET_EXT_TENSOR_CORES"] = "1"
+        run_cases()
     print("sanitizer cases done")
 
 

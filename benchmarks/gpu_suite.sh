@@ -2,7 +2,9 @@
 # The GPU suite, for a machine with a CUDA GPU and PyTorch preinstalled but no
 # internet (`make gpu-suite`). Builds the extension for the local GPU, runs the
 # CUDA tests for all dtypes, compute-sanitizer (memcheck, racecheck) over small
-# PAM and CAM forward+backward calls, and the GPU benchmarks. Everything goes
+# PAM and CAM forward+backward calls, and the GPU benchmarks; the opt-in
+# tensor-core forward (DANET_EXT_TENSOR_CORES=1) is checked, sanitized and
+# timed beside the CUDA-core kernels. Everything goes
 # into one folder (GPU_SUITE_OUT, default gpu-out/); where $OUT is set (the
 # device tool), a summary and a tarball of that folder are copied there.
 set -uo pipefail
@@ -37,6 +39,7 @@ step build $PY setup.py build_ext --inplace
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step info $PY -m danet_ext info
 step check $PY -m danet_ext check --device cuda
+step check_tensor_cores env DANET_EXT_TENSOR_CORES=1 $PY -m danet_ext check --device cuda --dtype float16 --dtype bfloat16
 step tests_cuda $PY -m pytest -q -m cuda tests -p no:cacheprovider
 step tests_build env DANET_EXT_EXPECT_CUDA=1 $PY -m pytest -q tests/test_build.py -p no:cacheprovider
 if command -v compute-sanitizer > /dev/null; then

@@ -173,11 +173,35 @@ def _pam_impls(device: str):
         # (B, 1, N, d) layout, scale 1 as DANet; layouts prepared outside the timing.
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
+    def tensor_cores(q, k, v):
+        # the opt-in tensor-core forward (CUDA, float16/bfloat16); read by the kernel at each call
+        old = os.environ.get(TENSOR_CORES_ENV)
+        os.environ[TENSOR_CORES_ENV] = "1"
+        try:
+            return position_attention(q, k, v, backend="extension")
+        finally:
+            if old is None:
+                del os.environ[TENSOR_CORES_ENV]
+            else:
+                os.environ[TENSOR_CORES_ENV] = old
+
     return {
         "danet_ext": lambda q, k, v: position_attention(q, k, v, backend="extension"),
+        "danet_ext_tc": tensor_cores,
         "reference": reference.position_attention,
         "sdpa": sdpa,
     }
+
+
+TENSOR_CORES_ENV = "DANET_EXT_TENSOR_CORES"
+
+
+def default_pam_impls(device: str, dtype: torch.dtype) -> tuple:
+    """The implementations worth comparing: the tensor-core forward where it can run."""
+    impls = ("danet_ext", "reference", "sdpa")
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        impls = ("danet_ext", "danet_ext_tc", "reference", "sdpa")
+    return impls
 
 
 def _to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
@@ -191,10 +215,11 @@ def reference_pam_bytes(B: int, N: int, backward: bool, itemsize: int = 4) -> fl
 
 
 def bench_position_attention(sizes, B=1, Cq=64, C=512, device="cpu", dtype=torch.float32, repeats=3,
-                             impls=("danet_ext", "reference", "sdpa"), modes=("forward", "forward+backward"),
+                             impls: Optional[tuple] = None, modes=("forward", "forward+backward"),
                              memory_limit: Optional[float] = None, progress=None) -> List[Result]:
     """PAM forward and forward+backward over (H, W) sizes."""
     fns = _pam_impls(device)
+    impls = impls if impls is not None else default_pam_impls(device, dtype)
     limit = memory_limit if memory_limit is not None else _default_memory_limit(device)
     results = []
     for H, W in sizes:
@@ -205,7 +230,7 @@ def bench_position_attention(sizes, B=1, Cq=64, C=512, device="cpu", dtype=torch
                 if progress is not None:
                     progress.set_postfix_str(f"PAM {impl} {mode} {H}x{W}")
                 shape = f"{B}x{C}x{H}x{W}"
-                if impl != "danet_ext" and reference_pam_bytes(B, N, backward) > limit:
+                if not impl.startswith("danet_ext") and reference_pam_bytes(B, N, backward) > limit:
                     results.append(Result("position_attention", impl, mode, shape, N, None, None,
                                           note=f"skipped: needs ~{reference_pam_bytes(B, N, backward) / 2**30:.0f} GiB"))
                     if progress is not None:

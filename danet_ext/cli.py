@@ -83,7 +83,7 @@ def cmd_bench(args) -> int:
     cam_sizes = [(32, 32), (64, 64)] if args.quick else [(32, 32), (64, 64), (97, 97), (128, 128)]
     head_hw = (32, 32) if args.quick else (64, 64)
     model_hw = (129, 129) if args.quick else (257, 257)
-    total = len(pam_sizes) * 6 + len(cam_sizes) * 2 * 2 * 2 + 4 + 4
+    total = len(pam_sizes) * 2 * len(bm.default_pam_impls(device, dtype)) + len(cam_sizes) * 2 * 2 * 2 + 4 + 4
     results = []
     with tqdm(total=total, desc="benchmarking", file=sys.stderr, dynamic_ncols=True) as bar:
         results += bm.bench_position_attention(pam_sizes, device=device, dtype=dtype, repeats=args.repeats, progress=bar)

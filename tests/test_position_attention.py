@@ -6,7 +6,7 @@ import torch
 
 import danet_ext
 from danet_ext import reference
-from conftest import DEVICES, assert_within_twice_pytorch, kernel_dtypes, max_err
+from conftest import DEVICES, HAVE_CUDA_DEVICE, assert_within_twice_pytorch, kernel_dtypes, max_err
 
 pytestmark = pytest.mark.needs_extension
 
@@ -240,3 +240,50 @@ def test_backend_choice():
                                reference.position_attention(q, k, v), rtol=1e-5, atol=1e-5)
     reason = danet_ext.ops.kernel_unavailable_reason(torch.device("cuda"), torch.float64)
     assert reason is not None and ("cuda" in reason)
+
+
+def _cuda_capability_major():
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+
+
+# The tensor-core forward (float16/bfloat16, compute capability >= 8.0), opt-in
+# with DANET_EXT_TENSOR_CORES=1 until a GPU run has verified it: odd N (partial
+# key and query tiles), Cq off the 32-channel staging step, C off the
+# 128-channel block, N = 1, and logits in the thousands.
+TENSOR_CORE_CASES = [(2, 8, 64, (17, 23), 0.5), (1, 64, 512, (64, 64), 0.5), (1, 1, 5, (7, 9), 0.5),
+                     (3, 33, 130, (9, 11), 0.5), (1, 100, 300, (31, 33), 0.3), (2, 8, 16, (1, 1), 1.0),
+                     (1, 16, 32, (9, 13), 12.0)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Cq,C,HW,scale", TENSOR_CORE_CASES)
+def test_tensor_core_forward(monkeypatch, dtype, B, Cq, C, HW, scale):
+    if _cuda_capability_major() < 8:
+        pytest.skip("the tensor-core forward needs compute capability 8.0")
+    monkeypatch.setenv("DANET_EXT_TENSOR_CORES", "1")
+    H, W = HW
+    inputs = make_inputs(B, Cq, C, H, W, "cuda", dtype, scale=scale)
+    grad_out = torch.randn(B, C, H, W, device="cuda").to(dtype)
+    rounded64 = [t.double() for t in inputs]
+    truth, truth_grads = grads_of(reference.position_attention, rounded64, grad_out.double())
+    out, grads = grads_of(ext_position_attention, inputs, grad_out)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if scale > 1.0:  # PyTorch's own half-precision path is no yardstick at these logits
+        tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+        assert max_err(out, truth) < tol
+        assert all(torch.isfinite(g).all() for g in grads)
+        return
+    ulps = 4 * torch.finfo(dtype).eps  # slack where PyTorch's own error is 0 (N = 1)
+    ref, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
+    assert_within_twice_pytorch(out, ref, truth, atol=ulps * truth.abs().max().item())
+    for g, rg, tg in zip(grads, ref_grads, truth_grads):
+        assert_within_twice_pytorch(g, rg, tg, atol=ulps * max(1.0, tg.abs().max().item()))
+    # the saved statistics are those of the rounded inputs' scores
+    _, stats = op.position_attention_forward(*inputs)
+    scores = torch.einsum("bci,bcj->bij", rounded64[0].flatten(2), rounded64[1].flatten(2))
+    row_max = scores.amax(-1)
+    torch.testing.assert_close(stats[:, 0].double(), row_max, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats[:, 1].double(), 1 / torch.exp(scores - row_max[..., None]).sum(-1),
+                               rtol=1e-4, atol=1e-6)

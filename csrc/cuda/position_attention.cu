@@ -18,6 +18,7 @@
 #include "../attention_math.h"
 #include "../checks.h"
 #include "common.cuh"
+#include "position_attention_tensor_cores.h"
 
 namespace danet {
 namespace cuda {
@@ -364,6 +365,11 @@ std::tuple<at::Tensor, at::Tensor> position_attention_forward_cuda(const at::Ten
   at::Tensor out = at::empty({B, C, H, W}, v.options());
   at::Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {out, stats};
+  // float16/bfloat16 on tensor cores, opt-in until verified on a GPU (README).
+  if (tensor_cores_requested() && tensor_cores_available(v)) {
+    position_attention_forward_tensor_cores(q, k, v, out, stats);
+    return {out, stats};
+  }
   const dim3 grid(ceil_div(N, kTileQ), std::max<int64_t>(1, ceil_div(C, kTileC)), B);
   TORCH_CHECK(grid.y <= kMaxGridYZ, "danet_ext: too many value channels (", C, ")");
   auto stream = c10::cuda::getCurrentCUDAStream();
