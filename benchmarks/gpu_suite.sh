@@ -4,16 +4,25 @@
 # CUDA tests for all dtypes, compute-sanitizer (memcheck, racecheck) over small
 # PAM and CAM forward+backward calls, and the GPU benchmarks; the opt-in
 # tensor-core forward (DANET_EXT_TENSOR_CORES=1) is checked, sanitized and
-# timed beside the CUDA-core kernels. Everything goes
-# into one folder (GPU_SUITE_OUT, default gpu-out/); where $OUT is set (the
-# device tool), a summary and a tarball of that folder are copied there.
+# timed beside the CUDA-core kernels. Everything goes into one folder
+# (GPU_SUITE_OUT, default gpu-out/); where $OUT is set (the device tool), the
+# summary and a tarball of that folder are copied there.
+#
+#   bash benchmarks/gpu_suite.sh [STAGE ...]
+#
+# STAGE: check, tests, sanitize, bench (default: all four, in that order). The
+# build runs first every time (ninja makes it a no-op when nothing changed), so
+# a session whose commands are limited in time can run the stages in separate
+# calls on the same machine; the summary accumulates across calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DIR=${GPU_SUITE_OUT:-gpu-out}
 mkdir -p "$DIR"
 SUMMARY="$DIR/summary.txt"
-: > "$SUMMARY"
+STAGES=" ${*:-check tests sanitize bench} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
+echo "=== gpu suite, stages:$STAGES($(date -u +%FT%TZ))" >> "$SUMMARY"
 status=0
 step() {  # step NAME COMMAND...: run, log to $DIR/NAME.log, record pass/fail and time
   local name=$1; shift
@@ -38,21 +47,29 @@ echo "torch $($PY -c 'import torch; print(torch.__version__)'), building for sm_
 step build $PY setup.py build_ext --inplace
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step info $PY -m danet_ext info
-step check $PY -m danet_ext check --device cuda
-step check_tensor_cores env DANET_EXT_TENSOR_CORES=1 $PY -m danet_ext check --device cuda --dtype float16 --dtype bfloat16
-step tests_cuda $PY -m pytest -q -m cuda tests -p no:cacheprovider
-step tests_build env DANET_EXT_EXPECT_CUDA=1 $PY -m pytest -q tests/test_build.py -p no:cacheprovider
-if command -v compute-sanitizer > /dev/null; then
-  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_sanitizer_cases.py
-  step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/gpu_sanitizer_cases.py
-else
-  echo "=== compute-sanitizer not found: skipped" | tee -a "$SUMMARY"
+if want check; then
+  step check $PY -m danet_ext check --device cuda
+  step check_tensor_cores env DANET_EXT_TENSOR_CORES=1 $PY -m danet_ext check --device cuda --dtype float16 --dtype bfloat16
 fi
-for dtype in float32 float16 bfloat16; do
-  step bench_pam_$dtype $PY benchmarks/bench_position_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
-  step bench_cam_$dtype $PY benchmarks/bench_channel_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
-done
-grep -h "^target:\|^position_attention\|^channel_attention" "$DIR"/bench_*.log >> "$SUMMARY" 2>/dev/null
+if want tests; then
+  step tests_cuda $PY -m pytest -q -m cuda tests -p no:cacheprovider
+  step tests_build env DANET_EXT_EXPECT_CUDA=1 $PY -m pytest -q tests/test_build.py -p no:cacheprovider
+fi
+if want sanitize; then
+  if command -v compute-sanitizer > /dev/null; then
+    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_sanitizer_cases.py
+    step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/gpu_sanitizer_cases.py
+  else
+    echo "=== compute-sanitizer not found: skipped" | tee -a "$SUMMARY"
+  fi
+fi
+if want bench; then
+  for dtype in float32 float16 bfloat16; do
+    step bench_pam_$dtype $PY benchmarks/bench_position_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
+    step bench_cam_$dtype $PY benchmarks/bench_channel_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
+  done
+  grep -h "^target:\|^position_attention\|^channel_attention" "$DIR"/bench_*.log >> "$SUMMARY" 2>/dev/null
+fi
 
 if [ -n "${OUT:-}" ]; then
   cp "$SUMMARY" "$OUT/summary.txt"
