@@ -168,6 +168,10 @@ def cam_flops(B: int, C: int, N: int) -> float:
     return 4.0 * B * C * C * N
 
 
+# Set to "1", the CUDA kernels run float16/bfloat16 PAM forwards on tensor cores.
+TENSOR_CORES_ENV = "DANET_EXT_TENSOR_CORES"
+
+
 def _pam_impls(device: str):
     def sdpa(q, k, v):
         # (B, 1, N, d) layout, scale 1 as DANet; layouts prepared outside the timing.
@@ -191,9 +195,6 @@ def _pam_impls(device: str):
         "reference": reference.position_attention,
         "sdpa": sdpa,
     }
-
-
-TENSOR_CORES_ENV = "DANET_EXT_TENSOR_CORES"
 
 
 def default_pam_impls(device: str, dtype: torch.dtype) -> tuple:

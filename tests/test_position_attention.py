@@ -24,6 +24,16 @@ def ext_position_attention(q, k, v):
     return danet_ext.position_attention(q, k, v, backend="extension")
 
 
+def assert_stats_of_scores(stats, q, k, max_tol, inv_sum_tol):
+    """softmax_stats (B, 2, N) hold each query's score maximum and inverse sum of
+    exp(score - maximum), for the scores q_i . k_j in float64; tolerances are (rtol, atol)."""
+    scores = torch.einsum("bci,bcj->bij", q.flatten(2).double(), k.flatten(2).double())
+    row_max = scores.amax(-1)
+    torch.testing.assert_close(stats[:, 0].double(), row_max, rtol=max_tol[0], atol=max_tol[1])
+    torch.testing.assert_close(stats[:, 1].double(), 1 / torch.exp(scores - row_max[..., None]).sum(-1),
+                               rtol=inv_sum_tol[0], atol=inv_sum_tol[1])
+
+
 def grads_of(fn, inputs, grad_out):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*inputs)
@@ -103,12 +113,8 @@ def test_gradcheck_float64(device):
 def test_saved_softmax_stats_are_row_max_and_inverse_sum(device):
     q, k, v = make_inputs(2, 8, 5, 9, 11, device)
     out, stats = op.position_attention_forward(q, k, v)
-    scores = torch.einsum("bci,bcj->bij", q.flatten(2).double(), k.flatten(2).double())
-    row_max = scores.amax(-1)
     assert stats.dtype == torch.float32 and stats.shape == (2, 2, 99)
-    torch.testing.assert_close(stats[:, 0].double(), row_max, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats[:, 1].double(), 1 / torch.exp(scores - row_max[..., None]).sum(-1),
-                               rtol=1e-5, atol=1e-6)
+    assert_stats_of_scores(stats, q, k, max_tol=(1e-5, 1e-5), inv_sum_tol=(1e-5, 1e-6))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -282,8 +288,4 @@ def test_tensor_core_forward(monkeypatch, dtype, B, Cq, C, HW, scale):
         assert_within_twice_pytorch(g, rg, tg, atol=ulps * max(1.0, tg.abs().max().item()))
     # the saved statistics are those of the rounded inputs' scores
     _, stats = op.position_attention_forward(*inputs)
-    scores = torch.einsum("bci,bcj->bij", rounded64[0].flatten(2), rounded64[1].flatten(2))
-    row_max = scores.amax(-1)
-    torch.testing.assert_close(stats[:, 0].double(), row_max, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats[:, 1].double(), 1 / torch.exp(scores - row_max[..., None]).sum(-1),
-                               rtol=1e-4, atol=1e-6)
+    assert_stats_of_scores(stats, inputs[0], inputs[1], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
