@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checkpoint import CheckpointError, load_checkpoint_file
+
 # Palettes (RGB) of the two common benchmark label sets.
 CITYSCAPES = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
               (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
@@ -32,22 +34,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CheckpointError(ValueError):
-    pass
-
-
 def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: str = "resnet101") -> nn.Module:
     """A model from a checkpoint: one written by `danet-ext demo` / examples/train.py
     ({"config": ..., "state_dict": ...}) or a bare DANet state dict (official format)."""
     from .demo import TinyDANet
     from .models import DANet
 
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {exc}") from exc
+    state = load_checkpoint_file(checkpoint)
     config = state.get("config", {}) if isinstance(state, dict) else {}
     weights = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else None
     if not isinstance(weights, dict):

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import danet_ext
+from danet_ext.checkpoint import load_checkpoint_file
 from danet_ext.demo import TinyDANet
 from danet_ext.models import DANet, DANetLoss, load_torchvision_resnet
 from danet_ext.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
@@ -197,7 +198,7 @@ def main(argv=None):
 
     start_iter = 0
     if args.resume:
-        state = torch.load(args.resume, map_location=device, weights_only=False)
+        state = load_checkpoint_file(args.resume, map_location=device)  # weights_only: never runs code
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

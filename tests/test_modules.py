@@ -312,7 +312,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
         port = s.getsockname()[1]
     path = str(tmp_path / "grads.pt")
     mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
-    ddp_grads = torch.load(path)
+    ddp_grads = torch.load(path, weights_only=True)
     torch.manual_seed(0)
     head = randomize(DANetHead(64, 3)).eval()
     x = torch.randn(4, 64, 6, 7)

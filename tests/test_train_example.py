@@ -19,10 +19,10 @@ def test_train_runs_saves_and_resumes(tmp_path):
     common = ["--data", "synthetic", "--arch", "tiny", "--batch", "4", "--crop", "64", "--workers", "0",
               "--out", str(tmp_path), "--lr", "0.02"]
     train.main(common + ["--iters", "4", "--save-every", "2"])
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["iter"] == 4 and ckpt["config"]["arch"] == "tiny"
     train.main(common + ["--iters", "6", "--resume", str(tmp_path / "last.pt")])
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["iter"] == 6
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iter"] == 6
 
 
 def test_augment_and_poly_lr():

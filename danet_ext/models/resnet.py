@@ -133,7 +133,9 @@ def load_torchvision_resnet(backbone: DilatedResNet, path: str, strict: bool = T
     written by torch.save(torchvision.models.resnet101().state_dict(), path))
     into a backbone built with deep_stem=False. Dilation changes no shapes, so
     every key maps one to one. Returns the result of load_state_dict."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from ..checkpoint import load_checkpoint_file
+
+    state = load_checkpoint_file(path)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
