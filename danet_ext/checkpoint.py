@@ -18,6 +18,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unreadable, unsafe, or of the wrong shape."""
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickler_detail(text: str) -> str:
+    """The line of torch.load's weights_only error that says what was found."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(_TORCH_BOILERPLATE):
+            return line.replace("WeightsUnpickler error:", "").strip() or line
+    return text.strip()[:200]
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
     """torch.load(path, weights_only=True), with errors that say what went wrong.
 
@@ -33,10 +45,12 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(only weights are loaded, never code; {first[:200]})") from exc
+        detail = _unpickler_detail(str(exc))
+        if "global" in detail.lower():  # a class or function reference: code would run
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain containers "
+                f"(only weights are loaded, never code; {detail[:200]})") from exc
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail[:200]})") from exc
     except Exception as exc:  # not a checkpoint at all: truncated, an image, a text file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
                               f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
