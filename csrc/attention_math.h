@@ -56,6 +56,15 @@ DANET_HOST_DEVICE acc_t online_sum(acc_t l_old, acc_t rescale, acc_t tile_sum) {
   return l_old * rescale + tile_sum;
 }
 
+// Kernels that keep the output accumulator normalised (divided by the running
+// sum, so its weights add up to 1 and it stays within max |v|, as the
+// reference's output does) scale each new tile's exp(s - m_new) by 1 / l_new
+// and the old accumulator by this factor: exp(m_old - m_new) * l_old / l_new.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t normalised_rescale(acc_t rescale, acc_t l_old, acc_t l_new) {
+  return rescale * l_old / l_new;
+}
+
 // Each finished row saves two statistics for the backward pass: its maximum m
 // and the inverse 1/l of its sum, from which every probability is recomputed
 // as exp(s - m) / l without a second reduction. (A single log-sum-exp

@@ -7,10 +7,12 @@
 
 namespace danet {
 
+// The dtypes every op takes (float16 and bfloat16 are computed in float32).
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()),
-              "danet_ext: `", name, "` must be a floating-point tensor, got ",
-              t.scalar_type());
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+              "danet_ext: `", name, "` must be a float32, float64, float16 or bfloat16 tensor, got ",
+              s);
 }
 
 inline void check_4d(const at::Tensor& t, const char* name) {
@@ -28,6 +30,23 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref,
               "` has dtype ", t.scalar_type(), " but `", ref_name,
               "` has dtype ", ref.scalar_type(),
               "; all inputs must have the same dtype");
+}
+
+// The dtype the kernels accumulate in: float64 for float64 inputs, else float32.
+inline at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A tensor the forward saved for the backward (softmax statistics, attention
+// matrix): on the device of `ref`, in the accumulate dtype of `ref`'s dtype.
+inline void check_saved(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                        const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "danet_ext: `", name, "` is on ", t.device(),
+              " but `", ref_name, "` is on ", ref.device(),
+              "; all inputs must be on the same device");
+  const auto want = accumulate_type(ref.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, "danet_ext: `", name, "` must be ", want, " for ",
+              ref.scalar_type(), " inputs, got ", t.scalar_type());
 }
 
 // query, key: (B, Cq, H, W); value: (B, C, H, W).
@@ -68,8 +87,7 @@ inline void check_position_attention_backward_inputs(
               "danet_ext: `softmax_stats` must have shape (B, 2, H*W) = (",
               value.size(0), ", 2, ", value.size(2) * value.size(3), "), got ",
               stats.sizes());
-  TORCH_CHECK(stats.device() == value.device(),
-              "danet_ext: `softmax_stats` must be on the device of `value`");
+  check_saved(stats, "softmax_stats", value, "value");
 }
 
 // x: (B, C, H, W).
@@ -91,13 +109,8 @@ inline void check_channel_attention_backward_inputs(const at::Tensor& grad_out,
                   attention.size(2) == x.size(1),
               "danet_ext: `attention` must have shape (B, C, C) = (", x.size(0),
               ", ", x.size(1), ", ", x.size(1), "), got ", attention.sizes());
-  TORCH_CHECK(attention.device() == x.device(),
-              "danet_ext: `attention` must be on the device of `x`");
+  check_saved(attention, "attention", x, "x");
 }
 
-// The dtype the kernels accumulate in: float64 for float64 inputs, else float32.
-inline at::ScalarType accumulate_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 }  // namespace danet

@@ -92,6 +92,8 @@ class DANetHead(nn.Module):
         inter = in_channels // 4
         if inter < 8:
             raise ValueError(f"danet_ext: DANetHead needs in_channels >= 32, got {in_channels}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"danet_ext: DANetHead needs num_classes >= 1, got {num_classes!r}")
         self.conv5a = _conv_norm_relu(in_channels, inter, norm_layer)
         self.conv5c = _conv_norm_relu(in_channels, inter, norm_layer)
         self.sa = PositionAttention(inter, backend=backend)

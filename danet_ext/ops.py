@@ -12,11 +12,15 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import reference
 from ._build import HAVE_EXTENSION, has_kernel
 
 BACKENDS = ("auto", "extension", "reference")
+
+# dtypes the ops take at all (the reference path included).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # dtypes each device's kernels take (CPU computes float16/bfloat16 in float32).
 KERNEL_DTYPES = {
@@ -35,8 +39,8 @@ def _check_tensor(t, name: str) -> None:
     if t.dim() != 4:
         raise ValueError(
             f"danet_ext: `{name}` must be a 4-D (B, C, H, W) tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"danet_ext: `{name}` must be a floating-point tensor, got {t.dtype}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"danet_ext: `{name}` must be a float32, float64, float16 or bfloat16 tensor, got {t.dtype}")
 
 
 def _check_same(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
@@ -71,6 +75,51 @@ def check_channel_attention_inputs(x: Tensor) -> None:
     _check_tensor(x, "x")
 
 
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_saved(t, name: str, shape: Tuple[int, ...], ref: Tensor, ref_name: str) -> None:
+    """A tensor the forward saved for backward: its shape, device and accumulate dtype."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"danet_ext: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"danet_ext: `{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"danet_ext: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; "
+                         "all inputs must be on the same device")
+    want = _accumulate_dtype(ref.dtype)
+    if t.dtype != want:
+        raise TypeError(f"danet_ext: `{name}` must be {want} for {ref.dtype} inputs, got {t.dtype}")
+
+
+def check_position_attention_backward_inputs(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                                             out: Tensor, softmax_stats: Tensor) -> None:
+    """What the backward op checks: the forward's inputs, then grad_out and out shaped, placed
+    and typed like value, and softmax_stats (B, 2, H*W) in the accumulate dtype."""
+    check_position_attention_inputs(query, key, value)
+    for t, name in ((grad_out, "grad_out"), (out, "out")):
+        _check_tensor(t, name)
+        _check_same(t, value, name, "value")
+        if t.shape != value.shape:
+            raise ValueError(f"danet_ext: `{name}` must have the shape of `value` {tuple(value.shape)}, "
+                             f"got {tuple(t.shape)}")
+    B, _, H, W = value.shape
+    _check_saved(softmax_stats, "softmax_stats", (B, 2, H * W), value, "value")
+
+
+def check_channel_attention_backward_inputs(grad_out: Tensor, x: Tensor, attention: Tensor) -> None:
+    """grad_out shaped, placed and typed like x; attention (B, C, C) in the accumulate dtype."""
+    check_channel_attention_inputs(x)
+    _check_tensor(grad_out, "grad_out")
+    _check_same(grad_out, x, "grad_out", "x")
+    if grad_out.shape != x.shape:
+        raise ValueError(f"danet_ext: `grad_out` must have the shape of `x` {tuple(x.shape)}, "
+                         f"got {tuple(grad_out.shape)}")
+    B, C = x.shape[:2]
+    _check_saved(attention, "attention", (B, C, C), x, "x")
+
+
 # --------------------------------------------------------------------------- backend choice
 
 def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -93,14 +142,39 @@ def _exporting() -> bool:
     return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
-def use_kernel(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> bool:
-    """Resolve backend ("auto", "extension", "reference") for one call."""
+def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
+    """Why the kernels cannot serve this call's autodiff, or None.
+
+    The custom ops have a first-order reverse-mode derivative (and a double
+    backward, see _differentiable_backward). Forward-mode AD (torch.func.jvp,
+    torch.autograd.forward_ad) and the torch.func transforms (grad, vmap,
+    jacrev, hessian) need more; the reference, made of differentiable PyTorch
+    ops, supports them all, so those calls run it.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jvp, jacrev, hessian) is active"
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "an input carries a forward-mode AD tangent"
+    return None
+
+
+def use_kernel(backend: str, tensors: Tuple[Tensor, ...], op: str) -> bool:
+    """Resolve backend ("auto", "extension", "reference") for one call on `tensors`."""
     if backend == "reference":
         return False
     if backend not in BACKENDS:
         raise ValueError(f"danet_ext: backend must be one of {BACKENDS}, got {backend!r}")
     if _exporting():
         return False  # the custom ops have no ONNX / TorchScript form; the reference does
+    transform = _transform_reason(tensors)
+    if transform is not None:
+        if backend == "extension":
+            raise RuntimeError(f"danet_ext: backend='extension' was asked for {op}, but {transform}, which "
+                               "the compiled kernels do not support; use backend='auto' or 'reference'")
+        return False
+    device, dtype = tensors[-1].device, tensors[-1].dtype
     reason = kernel_unavailable_reason(device, dtype)
     if reason is None:
         return True
@@ -114,11 +188,13 @@ def use_kernel(backend: str, device: torch.device, dtype: torch.dtype, op: str) 
 
 
 def _autocast(*tensors: Tensor) -> Tuple[Tensor, ...]:
-    """Inside torch.autocast, run in the autocast dtype (like matmul does)."""
+    """Inside torch.autocast, run in the autocast dtype, casting what autocast
+    casts for matmul: floating tensors other than float64 (which stays float64)."""
     device_type = tensors[0].device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+        return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                     for t in tensors)
     return tensors
 
 
@@ -140,7 +216,7 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor, *, backend: st
     if not torch.jit.is_tracing():  # traced shapes are tensors; the traced reference checks them
         check_position_attention_inputs(query, key, value)
     query, key, value = _autocast(query, key, value)
-    if use_kernel(backend, value.device, value.dtype, "position_attention"):
+    if use_kernel(backend, (query, key, value), "position_attention"):
         return torch.ops.danet_ext.position_attention_forward(query, key, value)[0]
     return reference.position_attention(query, key, value)
 
@@ -159,16 +235,12 @@ def channel_attention(x: Tensor, *, backend: str = "auto") -> Tensor:
     if not torch.jit.is_tracing():
         check_channel_attention_inputs(x)
     (x,) = _autocast(x)
-    if use_kernel(backend, x.device, x.dtype, "channel_attention"):
+    if use_kernel(backend, (x,), "channel_attention"):
         return torch.ops.danet_ext.channel_attention_forward(x)[0]
     return reference.channel_attention(x)
 
 
 # --------------------------------------------------------------------------- registrations
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 if HAVE_EXTENSION:
 
@@ -182,6 +254,7 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("danet_ext::position_attention_backward")
     def _position_attention_backward_fake(grad_out, query, key, value, out, softmax_stats):
+        check_position_attention_backward_inputs(grad_out, query, key, value, out, softmax_stats)
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
     def _position_attention_setup_context(ctx, inputs, output):
@@ -190,8 +263,21 @@ if HAVE_EXTENSION:
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(query, key, value, out, stats)
 
+    def _differentiable_backward(fn, inputs, needs_grad, grad_out):
+        """The backward as a graph of differentiable ops, for
+        torch.autograd.grad(..., create_graph=True): the reference's vector-Jacobian
+        product, so second derivatives (gradgradcheck, gradient penalties) are exact.
+        It holds the reference's attention matrix, as a double backward of the
+        official code would."""
+        wanted = [t for t, need in zip(inputs, needs_grad) if need]
+        grads = iter(torch.autograd.grad(fn(*inputs), wanted, grad_out, create_graph=True, allow_unused=True))
+        return tuple(next(grads) if need else None for need in needs_grad)
+
     def _position_attention_backward(ctx, grad_out, grad_stats):
         query, key, value, out, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            return _differentiable_backward(reference.position_attention, (query, key, value),
+                                            ctx.needs_input_grad, grad_out)
         grad_query, grad_key, grad_value = torch.ops.danet_ext.position_attention_backward(
             grad_out, query, key, value, out, stats)
         return grad_query, grad_key, grad_value
@@ -208,6 +294,7 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("danet_ext::channel_attention_backward")
     def _channel_attention_backward_fake(grad_out, x, attention):
+        check_channel_attention_backward_inputs(grad_out, x, attention)
         return x.new_empty(x.shape)
 
     def _channel_attention_setup_context(ctx, inputs, output):
@@ -218,6 +305,8 @@ if HAVE_EXTENSION:
 
     def _channel_attention_backward(ctx, grad_out, grad_attention):
         x, attention = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiable_backward(reference.channel_attention, (x,), ctx.needs_input_grad, grad_out)
         return torch.ops.danet_ext.channel_attention_backward(grad_out, x, attention)
 
     torch.library.register_autograd(

@@ -137,7 +137,7 @@ def test_validation_errors_name_the_argument():
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match="`x` must be a 4-D"):
         danet_ext.channel_attention(x[0])
-    with pytest.raises(TypeError, match="`x` must be a floating-point"):
+    with pytest.raises(TypeError, match="`x` must be a float32, float64, float16 or bfloat16"):
         danet_ext.channel_attention(x.long())
     with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
         danet_ext.channel_attention([1.0])

@@ -179,7 +179,7 @@ def test_validation_errors_name_the_argument():
         ((q, k, v[..., :5]), ValueError, "share batch and spatial sizes"),
         ((q.double(), k, v), TypeError, "`query` has dtype torch.float64"),
         ((q, k.half(), v), TypeError, "`key` has dtype torch.float16"),
-        ((q.long(), k.long(), v.long()), TypeError, "`query` must be a floating-point"),
+        ((q.long(), k.long(), v.long()), TypeError, "`query` must be a float32, float64, float16 or bfloat16"),
         ((q, k, "v"), TypeError, "`value` must be a torch.Tensor"),
         ((q[:, :0], k[:, :0], v), ValueError, "at least one channel"),
     ]

@@ -4,7 +4,7 @@
 //
 // Tensors are viewed as (B, C, N), N = H*W, row-major. The N x N score matrix
 // is never held: the forward walks key blocks with an online softmax (state in
-// attention_math.h) and keeps a (C x BLOCK_Q) accumulator per query block; the
+// attention_math.h) and keeps a normalised (C x BLOCK_Q) accumulator per query block; the
 // backward recomputes each score tile from the saved log-sum-exp. Every tile
 // product is a GEMM (blas.h); exp and the row reductions are vectorised loops
 // (row_ops.h). Half and bfloat16 inputs are computed in float32.
@@ -80,9 +80,15 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
         for (int64_t i = 0; i < bq; ++i) {
           scalar_t* row = scores.data() + i * block_k;
           const scalar_t m_new = online_max(row_m[i], row_max(row, bk));
-          rescale[i] = online_rescale(row_m[i], m_new);
+          const scalar_t alpha = online_rescale(row_m[i], m_new);
           const scalar_t tile_sum = exp_row_inplace(row, bk, scalar_t(1), exp_offset(m_new));
-          row_l[i] = online_sum(row_l[i], rescale[i], tile_sum);
+          const scalar_t l_new = online_sum(row_l[i], alpha, tile_sum);
+          // The accumulator holds the normalised output so far (weights summing
+          // to 1), so it never exceeds max |v|: a value that fits in the dtype,
+          // as the reference's, cannot overflow in the sum.
+          rescale[i] = normalised_rescale(alpha, row_l[i], l_new);
+          scale_row(row, bk, scalar_t(1) / l_new);
+          row_l[i] = l_new;
           row_m[i] = m_new;
         }
         if (j0 > 0) {
@@ -95,16 +101,12 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
         gemm<scalar_t>(false, true, C, bq, bk, 1, vb + j0, N, scores.data(),
                        block_k, j0 > 0 ? 1 : 0, acc.data(), block_q);
       }
-      for (int64_t i = 0; i < bq; ++i) rescale[i] = scalar_t(1) / row_l[i];
       scalar_t* ob = out + b * C * N + i0;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* arow = acc.data() + c * block_q;
-        scalar_t* orow = ob + c * N;
-        for (int64_t i = 0; i < bq; ++i) orow[i] = arow[i] * rescale[i];
-      }
+      for (int64_t c = 0; c < C; ++c)
+        std::copy_n(acc.data() + c * block_q, bq, ob + c * N);
       for (int64_t i = 0; i < bq; ++i) {
         stats[(b * 2 + 0) * N + i0 + i] = row_m[i];
-        stats[(b * 2 + 1) * N + i0 + i] = rescale[i];  // 1 / row sum
+        stats[(b * 2 + 1) * N + i0 + i] = scalar_t(1) / row_l[i];
       }
     }
   });

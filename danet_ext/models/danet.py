@@ -34,6 +34,8 @@ class DANet(nn.Module):
                  multi_grid: Optional[Sequence[int]] = None, deep_stem: bool = False, aux: bool = True,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, backend: str = "auto"):
         super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"danet_ext: DANet needs num_classes >= 1, got {num_classes!r}")
         self.num_classes = num_classes
         self.aux = aux
         self.pretrained = dilated_resnet(backbone, output_stride=output_stride, multi_grid=multi_grid,
