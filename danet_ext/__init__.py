@@ -4,6 +4,7 @@ from .ops import channel_attention, position_attention
 from . import reference
 from .nn import ChannelAttention, DANetHead, PositionAttention, set_backend
 from .models import DANet, DANetLoss, load_torchvision_resnet
+from .inference import InferenceModel, fold_batch_norms, optimize_for_inference
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,9 @@ __all__ = [
     "DANet",
     "DANetHead",
     "DANetLoss",
+    "InferenceModel",
+    "fold_batch_norms",
+    "optimize_for_inference",
     "PositionAttention",
     "load_torchvision_resnet",
     "set_backend",

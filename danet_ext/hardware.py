@@ -1,0 +1,60 @@
+"""What this machine's CPU can do fast: its model name and the instruction-set
+flags that decide which precision runs at the hardware's speed.
+
+CPUs change under us (a cloud machine is an AMD EPYC one week and an Intel
+Xeon with AMX the next), so precision choices are made at run time from these
+flags, and every benchmark records them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Dict, FrozenSet
+
+import torch
+
+# The flags (as Linux's /proc/cpuinfo spells them) that matter here.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def has_fast_bfloat16() -> bool:
+    """bfloat16 matmul in hardware: AVX512-BF16 (dot products) or AMX-BF16 (tiles)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def has_fast_float16() -> bool:
+    """float16 matmul in hardware: AVX512-FP16 or AMX-FP16."""
+    return bool({"avx512_fp16", "amx_fp16"} & cpu_flags())
+
+
+def describe_cpu() -> Dict[str, object]:
+    """Model name, cores, torch threads and the ISA flags above that this CPU has."""
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "isa": [f for f in ISA_FLAGS if f in flags]}

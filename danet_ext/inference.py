@@ -1,0 +1,165 @@
+"""Preparing a model for the fastest inference this machine offers.
+
+    fast = danet_ext.optimize_for_inference(model)          # precision="auto"
+    logits = fast(images)                                   # float32 logits, as before
+
+What it does, in order: a copy of the model in eval mode; every BatchNorm that
+follows a convolution folded into that convolution's weights; channels_last
+memory format; and the precision the hardware runs fastest: bfloat16 on a CPU
+with AVX512-BF16 or AMX-BF16, float16 autocast on a CUDA GPU, float32
+otherwise. Inputs are cast on the way in and outputs returned in float32, so
+the result is a drop-in for the original model's forward.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import hardware
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def choose_precision(device: Union[str, torch.device], precision: str = "auto") -> torch.dtype:
+    """The dtype `precision` means on `device`: "auto" picks bfloat16 on CPUs with
+    bfloat16 hardware, float16 on CUDA, float32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"danet_ext: precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision != "auto":
+        return getattr(torch, precision)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and hardware.has_fast_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+
+def _folded(conv: nn.Conv2d, bn: _BatchNorm) -> nn.Conv2d:
+    """conv followed by bn (eval mode) as one convolution with a bias."""
+    scale = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+    shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+    inv_std = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    factor = (scale.double() * inv_std)
+    fused = copy.deepcopy(conv)
+    fused.weight = nn.Parameter((conv.weight.detach().double() * factor.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(factor)
+    fused.bias = nn.Parameter(((bias - bn.running_mean.detach().double()) * factor + shift.double())
+                              .to(conv.weight.dtype))
+    return fused
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and isinstance(bn, _BatchNorm) and bn.track_running_stats
+            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+
+
+def _fold_pairs(parent: nn.Module, pairs: List[Tuple[str, str]]) -> int:
+    """Fold parent.<bn> into parent.<conv> for each (conv, bn) name pair."""
+    done = 0
+    for conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+        if isinstance(conv, nn.Sequential) and len(conv) and _foldable(conv[-1], bn):
+            conv[-1] = _folded(conv[-1], bn)  # a deep stem: its last convolution feeds bn1
+        elif _foldable(conv, bn):
+            setattr(parent, conv_name, _folded(conv, bn))
+        else:
+            continue
+        setattr(parent, bn_name, nn.Identity())
+        done += 1
+    return done
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold, in place, every BatchNorm that is known to follow a convolution directly:
+    consecutive (Conv2d, BatchNorm) children of an nn.Sequential, the conv/bn pairs of
+    the ResNet bottleneck and stem. The model must be in eval mode. Returns how many
+    were folded."""
+    from .models.resnet import Bottleneck, DilatedResNet
+
+    if model.training:
+        raise ValueError("danet_ext: fold_batch_norms needs a model in eval mode (running statistics)")
+    folded = 0
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if _foldable(module[i], module[i + 1]):
+                    module[i] = _folded(module[i], module[i + 1])
+                    module[i + 1] = nn.Identity()
+                    folded += 1
+        elif isinstance(module, Bottleneck):
+            folded += _fold_pairs(module, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")])
+        elif isinstance(module, DilatedResNet):
+            folded += _fold_pairs(module, [("conv1", "bn1")])
+    return folded
+
+
+# --------------------------------------------------------------------------- the prepared model
+
+class InferenceModel(nn.Module):
+    """A model prepared by optimize_for_inference: takes float32 (or any) images,
+    runs in `dtype` and channels_last on `device`, returns float32 outputs with the
+    structure of the original model's (a tensor or a tuple of tensors)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, autocast: bool,
+                 folded: int):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        self.autocast = autocast
+        self.folded_batch_norms = folded
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor):
+        x = x.to(self.device, non_blocking=True)
+        x = x.to(dtype=torch.float32 if self.autocast else self.dtype, memory_format=torch.channels_last)
+        if self.autocast:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            return type(out)(o.float().contiguous() for o in out)
+        return out.float().contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"dtype={self.dtype}, device={self.device}, autocast={self.autocast}, "
+                f"folded_batch_norms={self.folded_batch_norms}")
+
+
+def optimize_for_inference(model: nn.Module, precision: str = "auto",
+                           device: Optional[Union[str, torch.device]] = None,
+                           fold_bn: bool = True) -> InferenceModel:
+    """A copy of `model` prepared for fast inference (the original is left as it is).
+
+    Args:
+        model: any segmentation model, e.g. danet_ext.DANet or an official DANet.
+        precision: "auto" (bfloat16 on a CPU with bfloat16 hardware, float16 autocast on
+            CUDA, float32 otherwise), or "float32", "bfloat16", "float16" to force one.
+            On the CPU a reduced precision converts the weights; on CUDA it runs under
+            torch.autocast (softmax and reductions stay in float32).
+        device: where to run; default: where the model's parameters are.
+        fold_bn: fold BatchNorm into the preceding convolutions.
+    Returns:
+        an InferenceModel whose forward takes images and returns float32 outputs.
+    """
+    first = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (first.device if first is not None
+                                                              else torch.device("cpu"))
+    dtype = choose_precision(device, precision)
+    prepared = copy.deepcopy(model).eval()
+    folded = fold_batch_norms(prepared) if fold_bn else 0
+    autocast = device.type == "cuda" and dtype != torch.float32
+    prepared = prepared.to(device=device, memory_format=torch.channels_last)
+    if not autocast:
+        prepared = prepared.to(dtype)
+    for p in prepared.parameters():
+        p.requires_grad_(False)
+    return InferenceModel(prepared, dtype, device, autocast, folded)
