@@ -181,3 +181,29 @@ def test_autocast(device):
         out = danet_ext.channel_attention(x)
     assert out.dtype == dtype
     assert max_err(out, reference.channel_attention(x.to(dtype).double())) < 5e-2
+
+
+# bfloat16 on the CPU: products in bfloat16 on CPUs with bfloat16 hardware, float32
+# elsewhere (csrc/cpu/bf16_gemm.h). Both paths run here, forced by the switch.
+CPU_BF16_PATHS = {"bfloat16-products": "1", "float32-products": "0"}
+
+
+@pytest.mark.parametrize("path", CPU_BF16_PATHS)
+@pytest.mark.parametrize("B,C,HW,relu", [(2, 16, (9, 13), False), (1, 64, (48, 48), True),
+                                         (1, 512, (32, 32), True), (3, 5, (1, 1), False)])
+def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, C, HW, relu):
+    # post-ReLU features, as in DANet, give Gram entries in the hundreds to thousands;
+    # (48, 48): 2304 positions, more than one slice of the bfloat16 Gram product
+    monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", CPU_BF16_PATHS[path])
+    x = torch.randn(B, C, *HW, dtype=torch.float64)
+    x = (x.relu() if relu else x * 0.3).bfloat16()
+    grad_out = torch.randn(B, C, *HW).bfloat16()
+    truth, truth_grad = grads_of(reference.channel_attention, x.double(), grad_out.double())
+    out, grad = grads_of(lambda t: danet_ext.channel_attention(t, backend="extension"), x, grad_out)
+    ref, ref_grad = grads_of(reference.channel_attention, x, grad_out)
+    assert out.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
+    assert_within_twice_pytorch(out, ref, truth)
+    assert_within_twice_pytorch(grad, ref_grad, truth_grad)
+    _, attention = op.channel_attention_forward(x)
+    assert attention.dtype == torch.float32
+    torch.testing.assert_close(attention.sum(-1), torch.ones(B, C), rtol=1e-5, atol=1e-5)

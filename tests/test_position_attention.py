@@ -289,3 +289,39 @@ def test_tensor_core_forward(monkeypatch, dtype, B, Cq, C, HW, scale):
     # the saved statistics are those of the rounded inputs' scores
     _, stats = op.position_attention_forward(*inputs)
     assert_stats_of_scores(stats, inputs[0], inputs[1], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+# bfloat16 on the CPU has two paths (csrc/cpu/bf16_gemm.h): products in bfloat16 on
+# CPUs with bfloat16 hardware, float32 elsewhere. Both run here, forced by the switch.
+CPU_BF16_PATHS = {"bfloat16-products": "1", "float32-products": "0"}
+
+
+@pytest.mark.parametrize("path", CPU_BF16_PATHS)
+@pytest.mark.parametrize("B,Cq,C,HW,scale", [(2, 8, 64, (17, 23), 0.5), (1, 64, 512, (32, 32), 0.5),
+                                             (1, 1, 5, (7, 9), 0.5), (1, 16, 24, (65, 65), 0.5),
+                                             (2, 16, 32, (9, 13), 3.0)])
+def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, Cq, C, HW, scale):
+    # (65, 65): 4225 keys, more than one key tile of the bfloat16 path; scale 3: logits near 100
+    monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", CPU_BF16_PATHS[path])
+    inputs = make_inputs(B, Cq, C, *HW, "cpu", torch.bfloat16, scale=scale)
+    grad_out = torch.randn(B, C, *HW).bfloat16()
+    truth, truth_grads = grads_of(reference.position_attention, [t.double() for t in inputs], grad_out.double())
+    out, grads = grads_of(ext_position_attention, inputs, grad_out)
+    ref, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
+    assert out.dtype == torch.bfloat16
+    assert_within_twice_pytorch(out, ref, truth)
+    for g, rg, tg in zip(grads, ref_grads, truth_grads):
+        assert_within_twice_pytorch(g, rg, tg)
+    _, stats = op.position_attention_forward(*inputs)
+    assert_stats_of_scores(stats, *inputs[:2], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+def test_cpu_bfloat16_switch_changes_the_path(monkeypatch):
+    inputs = make_inputs(1, 8, 64, 16, 16, "cpu", torch.bfloat16)
+    outs = []
+    for flag in CPU_BF16_PATHS.values():
+        monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", flag)
+        outs.append(op.position_attention_forward(*inputs)[0])
+    # the two paths round differently (P to bfloat16 before the product, or not)
+    assert not torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)

@@ -3,7 +3,9 @@
 // With X = x[b] as C x N:  E = X X^T,  A = softmax(rowmax(E) - E) = a stable
 // softmax(-E) (each row shifted by its minimum),  out = A X.
 // The two products are BLAS GEMMs (blas.h); the softmax between them is one
-// fused, vectorised pass per row. Half and bfloat16 are computed in float32.
+// fused, vectorised pass per row. float16 is computed in float32; so is bfloat16,
+// except on CPUs with bfloat16 hardware (bf16_gemm.h), where the products run in
+// bfloat16 and E, A and the softmax stay float32 (forward_bf16 below).
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -13,6 +15,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "bf16_gemm.h"
 #include "blas.h"
 #include "row_ops.h"
 
@@ -104,8 +107,52 @@ void backward_kernel(const scalar_t* dout, const scalar_t* x, const scalar_t* at
   }
 }
 
+// bfloat16 on CPUs with bfloat16 hardware. The products are bfloat16 GEMMs
+// (oneDNN), which round their result once to bfloat16. The Gram matrices E = X X^T
+// and dA = dO X^T are reductions over all N positions whose entries reach
+// thousands, so they are summed in float32 over slices of kBf16Slice positions:
+// each slice's product is rounded at its own, smaller magnitude. The softmax
+// and its backward run in float32 on E and A, as in the float32 path.
+constexpr int64_t kBf16Slice = 1024;
+
+// sum over slices of N of a[:, :, n] b[:, :, n]^T, in float32: (B, C, C)
+at::Tensor sliced_gram_bf16(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t N = a.size(2);
+  at::Tensor acc = at::zeros({a.size(0), a.size(1), b.size(1)}, a.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < N; n0 += kBf16Slice) {
+    const int64_t n = std::min(kBf16Slice, N - n0);
+    acc.add_(at::bmm(a.narrow(2, n0, n), b.narrow(2, n0, n).transpose(1, 2)));
+  }
+  return acc;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x_in) {
+  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
+  at::Tensor x = x_in.contiguous().view({B, C, N});
+  at::Tensor attn = sliced_gram_bf16(x, x);
+  for (int64_t b = 0; b < B; ++b) negated_row_softmax(attn.data_ptr<float>() + b * C * C, C);
+  at::Tensor out = at::bmm(attn.to(at::kBFloat16), x);
+  return {out.view(x_in.sizes()), attn};
+}
+
+at::Tensor backward_bf16(const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& attn_in) {
+  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
+  at::Tensor x = x_in.contiguous().view({B, C, N});
+  at::Tensor go = grad_out.contiguous().view({B, C, N});
+  at::Tensor attn = attn_in.contiguous();
+  // dE = -A * (dA - rowsum(dA * A)), in float32, then symmetrised: dE + dE^T
+  at::Tensor grad_a = sliced_gram_bf16(go, x);
+  at::Tensor grad_e = -attn * (grad_a - (grad_a * attn).sum(-1, true));
+  at::Tensor grad_sym = (grad_e + grad_e.transpose(1, 2)).to(at::kBFloat16);
+  // dX = A^T dO + (dE + dE^T) X: two bfloat16 products, summed in float32
+  at::Tensor dx = at::bmm(attn.transpose(1, 2).to(at::kBFloat16), go).to(at::kFloat);
+  dx.add_(at::bmm(grad_sym, x));
+  return dx.to(at::kBFloat16).view(x_in.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor> channel_attention_forward_cpu(const at::Tensor& x_in) {
   check_channel_attention_inputs(x_in);
+  if (x_in.scalar_type() == at::kBFloat16 && use_bf16_gemm() && x_in.numel() > 0) return forward_bf16(x_in);
   const auto ct = accumulate_type(x_in.scalar_type());
   const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
   at::Tensor x = x_in.to(ct).contiguous();
@@ -124,6 +171,8 @@ at::Tensor channel_attention_backward_cpu(const at::Tensor& grad_out,
                                           const at::Tensor& x_in,
                                           const at::Tensor& attention) {
   check_channel_attention_backward_inputs(grad_out, x_in, attention);
+  if (x_in.scalar_type() == at::kBFloat16 && use_bf16_gemm() && x_in.numel() > 0)
+    return backward_bf16(grad_out, x_in, attention);
   const auto ct = accumulate_type(x_in.scalar_type());
   const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
   at::Tensor x = x_in.to(ct).contiguous();
