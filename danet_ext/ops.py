@@ -216,6 +216,8 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor, *, backend: st
     if not torch.jit.is_tracing():  # traced shapes are tensors; the traced reference checks them
         check_position_attention_inputs(query, key, value)
     query, key, value = _autocast(query, key, value)
+    if backend != "reference" and _exporting():
+        return reference.position_attention_sdpa(query, key, value)  # a fused attention op in the export
     if use_kernel(backend, (query, key, value), "position_attention"):
         return torch.ops.danet_ext.position_attention_forward(query, key, value)[0]
     return reference.position_attention(query, key, value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 
 def position_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -25,6 +26,21 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     proj_value = value.reshape(B, -1, n)  # B x C x N
     out = torch.bmm(proj_value, attention.permute(0, 2, 1))
     return out.view(B, C, H, W)
+
+
+def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """The same maths as position_attention, written as one
+    scaled_dot_product_attention call (one head, scale 1, value width C against
+    query/key width Cq). This is the form exported models carry: ONNX (opset 23
+    `Attention`) and OpenVINO (`ScaledDotProductAttention`) get a fused attention
+    operation instead of an explicit N x N softmax."""
+    B, C, H, W = value.shape
+    n = H * W
+    q = query.reshape(B, 1, -1, n).transpose(-1, -2)  # B x 1 x N x Cq
+    k = key.reshape(B, 1, -1, n).transpose(-1, -2)
+    v = value.reshape(B, 1, C, n).transpose(-1, -2)  # B x 1 x N x C
+    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    return out.transpose(-1, -2).reshape(B, C, H, W)
 
 
 def channel_attention(x: Tensor) -> Tensor:
