@@ -1,0 +1,178 @@
+"""The main job's speed: a full DANet-ResNet-101 forward (inference, output stride 8,
+19 classes, batch 1) through every path a user could take, measured in one run.
+
+Paths (each in a fresh process, so times and peak memory do not mix):
+  eager-float32            the model as trained: float32, NCHW (what `segment` did before)
+  optimized-float32        danet_ext.optimize_for_inference(precision="float32"): BN folded, channels_last
+  optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware)
+  optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
+  onnxruntime-sdpa         ONNX Runtime (CPU), model exported by danet_ext (opset 23, fused Attention)
+  onnxruntime-reference    ONNX Runtime, the official attention exported as MatMul/Softmax/MatMul
+  openvino-sdpa            OpenVINO (CPU, default hints), converted from danet_ext's export form
+  openvino-reference       OpenVINO, the official attention
+
+Time: the median of --repeats forwards after one warm-up. Memory: the peak resident set
+above the one after loading the model and input (ru_maxrss), so it includes the
+runtimes' own workspace. The CPU model and its ISA flags are recorded beside the results.
+
+    python benchmarks/bench_inference.py [--sizes 512x1024 1024x2048] [--paths ...] [--repeats 3]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATHS = ["eager-float32", "optimized-float32", "optimized-bfloat16", "optimized-bfloat16-refattn",
+         "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
+
+
+def build_model(backend="auto"):
+    from danet_ext import DANet
+
+    torch.manual_seed(0)
+    return DANet(19, backbone="resnet101", aux=False, backend=backend).eval()
+
+
+def export_onnx(backend: str, size, path: str) -> None:
+    """danet_ext's export form (SDPA -> opset-23 Attention) or the official attention."""
+    import warnings
+
+    h, w = size
+    model = build_model(backend)
+    x = torch.randn(1, 3, h, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if backend == "reference":
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=True, opset_version=23, verbose=False)
+
+
+def runner(path: str, size, onnx_file: str):
+    """A callable running one forward on a fixed input, for the given path."""
+    h, w = size
+    x = torch.randn(1, 3, h, w)
+    if path.startswith("eager") or path.startswith("optimized"):
+        from danet_ext import optimize_for_inference
+
+        model = build_model("reference" if path.endswith("refattn") else "auto")
+        if path.startswith("optimized"):
+            model = optimize_for_inference(model, precision=path.split("-")[1])
+
+        def run():
+            with torch.inference_mode():
+                return model(x)
+        return run
+    if path.startswith("onnxruntime"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(onnx_file, opts, providers=["CPUExecutionProvider"])
+        name, arr = sess.get_inputs()[0].name, x.numpy()
+        return lambda: sess.run(None, {name: arr})[0]
+    if path.startswith("openvino"):
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(onnx_file), "CPU")
+        arr = x.numpy()
+        return lambda: compiled(arr)[0]
+    raise ValueError(path)
+
+
+def child(path: str, size_text: str, repeats: int, onnx_file: str) -> None:
+    size = tuple(map(int, size_text.split("x")))
+    run = runner(path, size, onnx_file)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        out = run()
+        if i:  # the first call is a warm-up (oneDNN/runtime kernel creation)
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    out = torch.as_tensor(out)
+    print(json.dumps({"path": path, "size": size_text, "seconds": round(statistics.median(times), 3),
+                      "peak_extra_gib": round(peak / 2 ** 30, 2), "finite": bool(torch.isfinite(out).all()),
+                      "out_shape": list(out.shape)}))
+
+
+def available(path: str) -> str:
+    """'' if the path can run here, else why not."""
+    from danet_ext import hardware
+
+    if path == "optimized-bfloat16" or path == "optimized-bfloat16-refattn":
+        return "" if hardware.has_fast_bfloat16() else "no bfloat16 hardware on this CPU"
+    for prefix, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+        if path.startswith(prefix):
+            try:
+                __import__(module)
+            except ImportError:
+                return f"{module} is not installed"
+    return ""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["512x1024"])
+    p.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu.json"))
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--export", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]), args.child[3])
+        return
+    if args.export:
+        export_onnx(args.export[0], tuple(map(int, args.export[1].split("x"))), args.export[2])
+        return
+    from danet_ext import hardware
+
+    machine = dict(hardware.describe_cpu(), torch=torch.__version__)
+    print("machine:", json.dumps(machine), flush=True)
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="danet-bench-")
+    for size in args.sizes:
+        exported = {}
+        for path in args.paths:
+            why = available(path)
+            if why:
+                rows.append({"path": path, "size": size, "skipped": why})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            onnx_file = ""
+            if path.startswith(("onnxruntime", "openvino")):
+                form = "reference" if path.endswith("reference") else "sdpa"
+                onnx_file = os.path.join(tmp, f"danet_{form}_{size}.onnx")
+                if form not in exported:
+                    start = time.perf_counter()
+                    subprocess.run([sys.executable, __file__, "--export",
+                                    "reference" if form == "reference" else "auto", size, onnx_file], check=True)
+                    exported[form] = round(time.perf_counter() - start, 1)
+                    print(f"exported {form} form at {size} in {exported[form]} s", flush=True)
+            res = subprocess.run([sys.executable, __file__, "--child", path, size, str(args.repeats), onnx_file],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                row = {"path": path, "size": size, "failed": res.stderr.strip().splitlines()[-1][:300]}
+            else:
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "results": rows}, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
