@@ -4,10 +4,14 @@ from .ops import channel_attention, position_attention
 from . import reference
 from .nn import ChannelAttention, DANetHead, PositionAttention, set_backend
 from .models import DANet, DANetLoss, load_torchvision_resnet
+from .official import AccelerateReport, accelerate, load_official_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerateReport",
+    "accelerate",
+    "load_official_checkpoint",
     "ChannelAttention",
     "DANet",
     "DANetHead",
