@@ -167,5 +167,5 @@ setup(
     # demo and segment need tqdm, matplotlib and pillow). torch is the one already
     # installed: build with --no-build-isolation, and pip keeps it.
     install_requires=RUNTIME_REQUIREMENTS,
-    entry_points={"console_scripts": ["danet-ext=danet_ext.cli:main"]},
+    entry_points={"console_scripts": ["danet-ext=danet_ext.tools.cli:main"]},
 )

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import danet_ext
-from danet_ext import benchmark as bm
-from danet_ext.cli import main
-from danet_ext.demo import TinyDANet, run_demo
-from danet_ext.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
+from danet_ext.tools import benchmark as bm
+from danet_ext.tools.cli import main
+from danet_ext.tools.demo import TinyDANet, run_demo
+from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
 
 
 def run_cli(*args, timeout=300):
@@ -149,7 +149,7 @@ def test_segment_writes_an_overlay_with_a_legend_and_unpainted_background(segmen
     assert (result[:, 40:] != 255).any()  # and has something drawn in it
     image = torch.from_numpy(np.asarray(Image.open(d / "img.png").convert("RGB")).copy())
     # recompute the labels the command used
-    from danet_ext.segment import load_model, predict
+    from danet_ext.tools.segment import load_model, predict
 
     model = load_model(str(d / "tiny.pt"))
     assert model.class_names == list(CLASSES)
@@ -162,7 +162,7 @@ def test_segment_writes_an_overlay_with_a_legend_and_unpainted_background(segmen
 
 
 def test_segment_legend_lists_present_classes_by_name():
-    from danet_ext.segment import CITYSCAPES, background_index, legend_entries
+    from danet_ext.tools.segment import CITYSCAPES, background_index, legend_entries
 
     labels = torch.tensor([[0, 2], [2, 3]])
     names = ["background", "circle", "square", "triangle"]
@@ -183,7 +183,7 @@ class PaddingSensitive(torch.nn.Module):
 
 
 def test_sliding_window_leaves_no_seams():
-    from danet_ext.segment import predict
+    from danet_ext.tools.segment import predict
 
     torch.manual_seed(0)
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16), size=(150, 200), mode="bilinear")[0]
@@ -204,7 +204,7 @@ def test_sliding_window_leaves_no_seams():
 def test_every_option_has_help_with_its_default():
     import argparse
 
-    from danet_ext.cli import build_parser
+    from danet_ext.tools.cli import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

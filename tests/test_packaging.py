@@ -36,3 +36,21 @@ def test_install_requires_covers_every_runtime_import(tmp_path):
     missing = {DISTRIBUTION.get(m, m).lower() for m in imports} - declared
     assert not missing, f"imported but not in install_requires: {missing}"
     assert "numpy" in declared  # torch's tensor <-> array conversions and segment's image I/O
+
+
+def test_the_library_does_not_import_the_tools():
+    """danet_ext/tools/ (CLI, benchmarks, demo, segment) sits on the library, never under it."""
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "danet_ext")):
+        if os.path.join("danet_ext", "tools") in folder:
+            continue
+        for name in files:
+            if not name.endswith(".py") or name == "__main__.py":
+                continue
+            path = os.path.join(folder, name)
+            for node in ast.walk(ast.parse(open(path).read())):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+                if (module and "tools" in module.split(".")) or any("tools" in n.split(".") for n in names):
+                    offenders.append(os.path.relpath(path, ROOT))
+    assert not offenders, offenders

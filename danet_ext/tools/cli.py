@@ -24,7 +24,7 @@ class UsageError(Exception):
 def cmd_info(args) -> int:
     import torch
 
-    from . import build_info
+    from .. import build_info
 
     info = build_info()
     print(json.dumps(info, indent=1))
@@ -45,7 +45,7 @@ def _device(name: str) -> str:
 def cmd_check(args) -> int:
     import torch
 
-    from . import _build
+    from .. import _build
     from .check import format_rows, run_checks
 
     device = _device(args.device)
@@ -53,7 +53,7 @@ def cmd_check(args) -> int:
         raise UsageError(f"no compiled {device} kernels to check (build_info: {_build.build_info()['backends']})")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "float64"] if device == "cpu"
                                                           else ["float32", "float16", "bfloat16"]))]
-    from .ops import KERNEL_DTYPES
+    from ..ops import KERNEL_DTYPES
 
     for d in dtypes:
         if d not in KERNEL_DTYPES[device]:
@@ -69,8 +69,8 @@ def cmd_bench(args) -> int:
 
     from . import benchmark as bm
     from .demo import TinyDANet
-    from .models import DANet
-    from .nn import DANetHead
+    from ..models import DANet
+    from ..nn import DANetHead
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+from ..checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
 
 # Palettes (RGB) of the two common benchmark label sets, and their class names.
 CITYSCAPES = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
@@ -86,7 +86,7 @@ def _positive_int(value: Any, name: str, source: str, limit: int) -> int:
 def read_config(state: Any, source: str) -> Dict[str, Any]:
     """The checkpoint's `config` (written by `danet-ext demo` and examples/train.py),
     validated: raises CheckpointError for anything odd."""
-    from .models.resnet import DEPTHS
+    from ..models.resnet import DEPTHS
 
     config = state.get("config", {}) if isinstance(state, dict) else {}
     if config is None:
@@ -129,8 +129,8 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
     against the keys before the model is built. The model's class names, when the
     checkpoint stores them, are in `model.class_names`."""
     from .demo import TinyDANet
-    from .models import DANet
-    from .official import OFFICIAL_DEFAULTS, describe_config, infer_danet_config, mismatch_summary
+    from ..models import DANet
+    from ..official import OFFICIAL_DEFAULTS, describe_config, infer_danet_config, mismatch_summary
 
     state = load_checkpoint_file(checkpoint)
     config = read_config(state, checkpoint)
