@@ -3,9 +3,9 @@
 # the installed torch (no build isolation) and runs.
 #
 #   make demo        the main job: train a small DANet on synthetic data, then compare backends
-#   make test        the test suite
+#   make test        the test suite, then cmake-test
 #   make bench       CPU benchmarks -> bench-out/
-#   make cmake-test  the C++ library and its ctest
+#   make cmake-test  the C++ library (CPU kernels) and its ctest, build/cmake-torch-<version>/
 #   make gpu-suite   on a machine with a GPU and torch preinstalled (no internet)
 #
 # Variables: VENV (.venv), TORCH_SPEC (torch==2.14.1; torch==2.13.0 is a CPU-only build),
@@ -39,6 +39,7 @@ build: env
 
 test: build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) cmake-test
 
 demo: build
 	$(BIN)/danet-ext demo
@@ -46,10 +47,16 @@ demo: build
 bench: build
 	$(BIN)/danet-ext bench --out bench-out
 
+# One build folder per torch version, so switching TORCH_SPEC never reuses a stale
+# CMake cache; TORCH_ROOT is passed every time, so another VENV is picked up too.
 cmake-test: env
-	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-	cmake --build build/cmake -j$(MAX_JOBS)
-	ctest --test-dir build/cmake --output-on-failure
+	@set -e; \
+	root="$$($(BIN)/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"; \
+	dir="build/cmake-torch-$$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	echo "cmake: libtorch in $$root, build folder $$dir"; \
+	cmake -S . -B "$$dir" -DTORCH_ROOT="$$root"; \
+	cmake --build "$$dir" -j$(MAX_JOBS); \
+	ctest --test-dir "$$dir" --output-on-failure
 
 gpu-suite:
 	bash benchmarks/gpu_suite.sh

@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover - only hit on a broken set-up
     )
 
 VERSION = "0.1.0"
+RUNTIME_REQUIREMENTS = ["torch>=2.13", "numpy", "tqdm", "matplotlib", "pillow"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
@@ -162,5 +163,9 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    entry_points={"console_scripts": ["danet-ext=danet_ext.cli:main"]},
+    # What the library and the command line import at run time (the CLI's bench,
+    # demo and segment need tqdm, matplotlib and pillow). torch is the one already
+    # installed: build with --no-build-isolation, and pip keeps it.
+    install_requires=RUNTIME_REQUIREMENTS,
+    entry_points={"console_scripts": ["danet-ext=danet_ext.tools.cli:main"]},
 )

@@ -10,7 +10,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from danet_ext import benchmark as bm
+from danet_ext.tools import benchmark as bm
 
 SIZES = [(32, 32), (64, 64), (97, 97), (128, 128)]
 

@@ -69,7 +69,7 @@ def main(argv=None):
             print(f"DANet-ResNet101 forward {size} {backend:>9}: {row.get('seconds')} s, peak extra memory {gib}",
                   flush=True)
     os.makedirs(args.out, exist_ok=True)
-    from danet_ext.benchmark import machine_info
+    from danet_ext.tools.benchmark import machine_info
 
     path = os.path.join(args.out, f"full_resolution_{args.device}.json")
     with open(path, "w") as f:

@@ -5,10 +5,14 @@ from . import reference
 from .nn import ChannelAttention, DANetHead, PositionAttention, set_backend
 from .models import DANet, DANetLoss, load_torchvision_resnet
 from .inference import InferenceModel, fold_batch_norms, optimize_for_inference
+from .official import AccelerateReport, accelerate, load_official_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerateReport",
+    "accelerate",
+    "load_official_checkpoint",
     "ChannelAttention",
     "DANet",
     "DANetHead",

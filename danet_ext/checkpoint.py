@@ -30,6 +30,16 @@ def _unpickler_detail(text: str) -> str:
     return text.strip()[:200]
 
 
+def _looks_like_a_checkpoint(path: str) -> bool:
+    """torch.save writes a zip archive; older files are a pickle (protocol >= 2
+    starts with 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"\x80") or zipfile.is_zipfile(path)
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
     """torch.load(path, weights_only=True), with errors that say what went wrong.
 
@@ -42,6 +52,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not _looks_like_a_checkpoint(path):
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: neither torch.save's zip "
+                              f"format nor a pickle (is it an image or a text file?)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -54,3 +67,28 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
     except Exception as exc:  # not a checkpoint at all: truncated, an image, a text file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
                               f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> "dict[str, torch.Tensor]":
+    """The state dict inside a loaded checkpoint: {'state_dict': ...}, {'model': ...}
+    or a bare state dict, with a DataParallel `module.` prefix stripped.
+
+    Raises CheckpointError unless it is a dict of string keys to tensors.
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    weights = obj
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            weights = obj[key]
+            break
+    if not weights:
+        raise CheckpointError(f"{source} holds no weights (an empty state dict)")
+    bad_keys = [k for k in weights if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"{source}: state dict keys must be strings, found {bad_keys[0]!r}")
+    bad_values = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if bad_values:
+        raise CheckpointError(f"{source}: weight {bad_values[0]!r} is a {type(weights[bad_values[0]]).__name__}, "
+                              f"not a tensor")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}

@@ -105,15 +105,22 @@ class DANetHead(nn.Module):
         self.conv8 = _classifier(inter, num_classes)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        # The official order (conv6, then conv7, then conv8), so that the three
+        # Dropout2d layers draw their masks in the same sequence under one seed.
         sa_conv = self.conv51(self.sa(self.conv5a(x)))
+        sa_output = self.conv6(sa_conv)
         sc_conv = self.conv52(self.sc(self.conv5c(x)))
-        return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)
+        sc_output = self.conv7(sc_conv)
+        return self.conv8(sa_conv + sc_conv), sa_output, sc_output
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Switch every attention module inside `module` to `backend`; returns `module`."""
+    """Switch every attention module inside `module` to `backend`, including
+    official-style modules swapped by `danet_ext.accelerate`; returns `module`."""
     _check_backend(backend)
     for m in module.modules():
         if isinstance(m, (PositionAttention, ChannelAttention)):
             m.backend = backend
+        elif hasattr(m, "_danet_ext_accelerated"):
+            m._danet_ext_backend = backend
     return module

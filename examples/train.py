@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import danet_ext
 from danet_ext.checkpoint import load_checkpoint_file
-from danet_ext.demo import TinyDANet
+from danet_ext.tools.demo import TinyDANet
 from danet_ext.models import DANet, DANetLoss, load_torchvision_resnet
-from danet_ext.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
+from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -168,6 +168,9 @@ def main(argv=None):
     synthetic = args.data == "synthetic"
     dataset = SyntheticSegmentation() if synthetic else FolderSegmentation(args.data, args.layout)
     num_classes = args.num_classes or (len(CLASSES) if synthetic else {"voc": 21, "cityscapes": 19}[args.layout])
+    from danet_ext.tools.segment import CITYSCAPES_CLASSES, VOC_CLASSES
+
+    class_names = CLASSES if synthetic else {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES}[args.layout]
     crop = args.crop or (128 if synthetic else {"voc": 480, "cityscapes": 768}[args.layout])
 
     if args.arch == "tiny":
@@ -209,8 +212,12 @@ def main(argv=None):
 
     def save(path, it):
         if rank == 0:
-            torch.save({"config": getattr(model, "config", {"arch": "danet", "num_classes": num_classes,
-                                                             "backbone": args.backbone}),
+            config = dict(getattr(model, "config", {"arch": "danet", "num_classes": num_classes,
+                                                    "backbone": args.backbone,
+                                                    "multi_grid": (4, 8, 16) if args.multi_grid else None}))
+            if class_names is not None and len(class_names) == num_classes:
+                config["classes"] = list(class_names)  # `danet-ext segment` writes them in its legend
+            torch.save({"config": config,
                         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "iter": it}, path)
 

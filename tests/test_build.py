@@ -1,5 +1,6 @@
 """What was compiled, and how the package behaves without or with a stale build."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,3 +63,25 @@ def test_without_extension_the_reference_runs_after_one_warning():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok")
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmake_configures_against_the_installed_torch(tmp_path):
+    """The C++ library's configure step needs only libtorch's CPU libraries, also
+    for a CUDA build of torch (whose TorchConfig.cmake demands the CUDA toolkit's
+    libraries); a build folder reconfigured for another libtorch follows it."""
+    root = os.path.dirname(torch.__file__)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build = tmp_path / "build"
+
+    def configure(torch_root):
+        return subprocess.run(["cmake", "-S", src, "-B", str(build), f"-DTORCH_ROOT={torch_root}"],
+                              capture_output=True, text=True, timeout=300)
+
+    res = configure(root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"libtorch {torch.__version__} (CPU libraries)" in res.stdout
+    config = (build / "generated" / "build_config.h").read_text()
+    assert f'DANET_EXT_TORCH_VERSION "{torch.__version__}"' in config and "DANET_EXT_WITH_CUDA 0" in config
+    res = configure(tmp_path / "no-torch-here")  # the cached paths are not reused
+    assert res.returncode != 0 and "libtorch not found" in res.stderr

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import danet_ext
-from danet_ext import benchmark as bm
-from danet_ext.cli import main
-from danet_ext.demo import TinyDANet, run_demo
-from danet_ext.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
+from danet_ext.tools import benchmark as bm
+from danet_ext.tools.cli import main
+from danet_ext.tools.demo import TinyDANet, run_demo
+from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
 
 
 def run_cli(*args, timeout=300):
@@ -48,21 +48,175 @@ def test_errors_are_one_line_without_traceback(args, message):
     assert len(lines) == 1 and message in lines[0], res.stderr
 
 
-def test_segment_writes_an_overlay_and_rejects_mismatched_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def segment_files(tmp_path_factory):
+    """A demo checkpoint (class names stored), an image, and odd files."""
     from PIL import Image
 
+    d = tmp_path_factory.mktemp("segment")
+    torch.manual_seed(0)
     model = TinyDANet(len(CLASSES), width=8)
-    ckpt = tmp_path / "tiny.pt"
-    torch.save({"config": model.config, "state_dict": model.state_dict()}, ckpt)
-    image = tmp_path / "img.png"
-    Image.fromarray((make_batch(1, 40)[0][0].permute(1, 2, 0) * 255).byte().numpy()).save(image)
-    out = tmp_path / "overlay.png"
-    assert main(["segment", "--checkpoint", str(ckpt), "--image", str(image), "--out", str(out),
-                 "--window", "32", "--flip"]) == 0
-    assert Image.open(out).size == (40, 40)
-    res = run_cli("segment", "--checkpoint", str(ckpt), "--image", str(image), "--out", str(out),
-                  "--num-classes", "7")
-    assert res.returncode == 2 and "does not fit" in res.stderr and "Traceback" not in res.stderr
+    torch.save({"config": model.config, "state_dict": model.state_dict(), "classes": CLASSES}, d / "tiny.pt")
+    Image.fromarray((make_batch(1, 40)[0][0].permute(1, 2, 0) * 255).byte().numpy()).save(d / "img.png")
+    state = model.state_dict()
+    odd = {
+        "config_list.pt": {"config": [1, 2], "state_dict": state},
+        "int_keys.pt": {"state_dict": {1: torch.zeros(1)}},
+        "not_tensor.pt": {"state_dict": {"head.conv8.1.weight": 3}},
+        "neg_width.pt": {"config": {"arch": "tiny", "num_classes": 4, "width": -3}, "state_dict": state},
+        "four.pt": {"config": {"arch": "tiny", "num_classes": "four"}, "state_dict": state},
+        # a DANet state dict in outline: ResNet-50 blocks, 5 classes
+        "danet50.pt": {f"pretrained.layer{i}.{b}.conv1.weight": torch.zeros(1)
+                       for i, n in enumerate((3, 4, 6, 3), 1) for b in range(n)}
+                      | {"head.conv8.1.weight": torch.zeros(5, 512, 1, 1)},
+    }
+    for name, obj in odd.items():
+        torch.save(obj, d / name)
+    (d / "notes.txt").write_text("not a checkpoint\n")
+    (d / "afile").write_text("x")
+    (d / "adir").mkdir()
+    return d
+
+
+SEGMENT_ERRORS = [
+    (["--checkpoint", "{d}/config_list.pt"], "'config' must be a dict"),
+    (["--checkpoint", "{d}/int_keys.pt"], "keys must be strings, found 1"),
+    (["--checkpoint", "{d}/not_tensor.pt"], "'head.conv8.1.weight' is a int, not a tensor"),
+    (["--checkpoint", "{d}/neg_width.pt"], "config['width'] must be an integer in [1, 4096], got -3"),
+    (["--checkpoint", "{d}/four.pt"], "config['num_classes'] must be an integer in [1, 10000], got 'four'"),
+    (["--checkpoint", "{d}/notes.txt"], "is not a readable PyTorch checkpoint"),
+    (["--checkpoint", "{d}/adir"], "--checkpoint {d}/adir is a directory"),
+    (["--num-classes", "1000000000"], "--num-classes must be in [1, 10000]"),
+    (["--num-classes", "7"], "does not fit 7 classes: its keys show 4 classes; try --num-classes 4"),
+    (["--window", "1"], "--window must be in [32, 16384], got 1"),
+    (["--out", "{d}/adir"], "--out {d}/adir is a directory"),
+    (["--out", "{d}/adir/"], "is a directory"),
+    (["--out", "{d}/afile/overlay.png"], "--out: {d}/afile is a file"),
+    (["--out", "{d}/overlay"], "must end in an image extension"),
+    (["--out", "{d}/overlay.pt"], "got .pt"),
+    (["--image", "{d}/adir"], "--image {d}/adir is a directory"),
+    (["--image", "{d}/notes.txt"], "--image {d}/notes.txt is not an image"),
+    (["--checkpoint", "{d}/danet50.pt", "--backbone", "resnet101"],
+     "does not fit backbone resnet101: its keys show backbone resnet50, 5 classes; try --backbone resnet50"),
+    (["--checkpoint", "{d}/danet50.pt"], "does not fit DANet(5, backbone=resnet50"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", SEGMENT_ERRORS, ids=[m[:28] for _, m in SEGMENT_ERRORS])
+def test_segment_input_errors_are_one_line(segment_files, overrides, message):
+    d = str(segment_files)
+    args = {"--checkpoint": f"{d}/tiny.pt", "--image": f"{d}/img.png", "--out": f"{d}/out/overlay.png"}
+    extra = []
+    for i in range(0, len(overrides), 2):
+        if overrides[i] in args:
+            args[overrides[i]] = overrides[i + 1].format(d=d)
+        else:
+            extra += [overrides[i], overrides[i + 1]]
+    res = run_cli("segment", *[x for kv in args.items() for x in kv], *extra, timeout=120)
+    assert res.returncode == 2, res
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.strip().splitlines() if l.startswith("danet-ext")]
+    assert len(lines) == 1 and message.format(d=d) in lines[0], res.stderr
+    if "does not fit DANet" in message:  # whole key names, counted, never cut mid-name
+        assert "missing (" in lines[0] and "more)" in lines[0]
+    assert not os.path.exists(f"{d}/out/overlay.png")
+
+
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_bench_and_demo_out_that_cannot_be_created(tmp_path, command):
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile" / "sub", "is a file"), (tmp_path / "afile", "is a file, not a folder")):
+        res = run_cli(command, "--out", str(out), timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        lines = [l for l in res.stderr.strip().splitlines() if l.startswith("danet-ext")]
+        assert len(lines) == 1 and message in lines[0] and "--out" in lines[0], res.stderr
+
+
+def test_segment_writes_an_overlay_with_a_legend_and_unpainted_background(segment_files, tmp_path):
+    from PIL import Image
+
+    d = segment_files
+    out = tmp_path / "sub" / "overlay.png"
+    res = run_cli("segment", "--checkpoint", str(d / "tiny.pt"), "--image", str(d / "img.png"), "--out", str(out),
+                  "--window", "32", "--flip", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "model: TinyDANet(4, width=8)" in res.stdout
+    import numpy as np
+
+    result = torch.from_numpy(np.asarray(Image.open(out).convert("RGB")).copy())
+    height, width = result.shape[:2]
+    assert width > 40 and height >= 40  # the legend sits right of the image
+    assert (result[:, 40:] != 255).any()  # and has something drawn in it
+    image = torch.from_numpy(np.asarray(Image.open(d / "img.png").convert("RGB")).copy())
+    # recompute the labels the command used
+    from danet_ext.tools.segment import load_model, predict
+
+    model = load_model(str(d / "tiny.pt"))
+    assert model.class_names == list(CLASSES)
+    labels = predict(model, image.permute(2, 0, 1).float() / 255, window=32, flip=True, normalize=False).argmax(0)
+    background = labels == 0
+    assert background.any()
+    assert torch.equal(result[:40, :40][background], image[background])  # background unpainted
+    if (~background).any():
+        assert not torch.equal(result[:40, :40][~background], image[~background])
+
+
+def test_segment_legend_lists_present_classes_by_name():
+    from danet_ext.tools.segment import CITYSCAPES, background_index, legend_entries
+
+    labels = torch.tensor([[0, 2], [2, 3]])
+    names = ["background", "circle", "square", "triangle"]
+    bg = background_index(names, "cityscapes")
+    assert bg == 0
+    assert legend_entries(labels, names, CITYSCAPES, bg) == [("background", None), ("square", CITYSCAPES[2]),
+                                                            ("triangle", CITYSCAPES[3])]
+    assert background_index(None, "voc") == 0 and background_index(None, "cityscapes") is None
+
+
+class PaddingSensitive(torch.nn.Module):
+    """Probabilities from a wide zero-padded average: pixels near a window's border
+    see the padding, the way a CNN's do, so plain averaging leaves seams."""
+
+    def forward(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 15, stride=1, padding=7, count_include_pad=True)
+        return (pooled * 6,)
+
+
+def test_sliding_window_leaves_no_seams():
+    from danet_ext.tools.segment import predict
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16), size=(150, 200), mode="bilinear")[0]
+    model = PaddingSensitive()
+    whole = predict(model, image, window=512, normalize=False)
+    windowed = predict(model, image, window=96, normalize=False)
+    assert windowed.shape == whole.shape == (3, 150, 200)
+    interior = (slice(None), slice(8, -8), slice(8, -8))  # away from the image's own border
+    err = (windowed - whole)[interior].abs()
+    # plain averaging of the windows is off by more than 0.1 along the window borders
+    assert err.max() < 0.03, err.max()
+    # and no line of pixels stands out: the error varies smoothly
+    jump = (windowed[:, :, 1:] - windowed[:, :, :-1]).abs().amax(dim=(0, 1))
+    jump_whole = (whole[:, :, 1:] - whole[:, :, :-1]).abs().amax(dim=(0, 1))
+    assert (jump - jump_whole).max() < 0.01
+
+
+def test_every_option_has_help_with_its_default():
+    import argparse
+
+    from danet_ext.tools.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+                assert "%(default)" in sub.formatter_class(name)._get_help_string(action) or action.required, \
+                    f"{name} {action.option_strings} does not show its default"
+    bench_help = " ".join(run_cli("bench", "--help").stdout.split())
+    assert "(default: bench-out)" in bench_help and "about 3 minutes" in bench_help
+    assert "(default: 512)" in " ".join(run_cli("segment", "--help").stdout.split())
 
 
 def test_synthetic_data_and_miou():

@@ -8,7 +8,7 @@ from torch import nn
 import danet_ext
 from danet_ext import hardware
 from danet_ext.inference import InferenceModel, choose_precision, fold_batch_norms, optimize_for_inference
-from danet_ext.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
+from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
 
 
 def randomize_batch_norms(model, seed=0):
@@ -73,7 +73,7 @@ def test_choose_precision():
 @pytest.fixture(scope="module")
 def trained_tiny_model():
     """TinyDANet trained briefly on the synthetic shapes (as the demo does, shorter)."""
-    from danet_ext.demo import TinyDANet
+    from danet_ext.tools.demo import TinyDANet
     from danet_ext.models import DANetLoss
 
     torch.manual_seed(0)

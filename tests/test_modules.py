@@ -10,52 +10,9 @@ from torch import nn
 import danet_ext
 from danet_ext import ChannelAttention, DANet, DANetHead, DANetLoss, PositionAttention
 from danet_ext.models import dilated_resnet, load_torchvision_resnet
+from official_modules import OfficialCAM, OfficialPAM  # tests/ is on sys.path
 
 needs_extension = pytest.mark.skipif(not danet_ext.HAVE_EXTENSION, reason="danet_ext._C is not built")
-
-
-# The official modules, written the way the official DANet code writes them; their
-# state dicts are the checkpoints users bring.
-class OfficialPAM(nn.Module):
-    def __init__(self, in_dim):
-        super().__init__()
-        self.chanel_in = in_dim
-        self.query_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
-        self.key_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
-        self.value_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim, kernel_size=1)
-        self.gamma = nn.Parameter(torch.zeros(1))
-        self.softmax = nn.Softmax(dim=-1)
-
-    def forward(self, x):
-        m_batchsize, C, height, width = x.size()
-        proj_query = self.query_conv(x).view(m_batchsize, -1, width * height).permute(0, 2, 1)
-        proj_key = self.key_conv(x).view(m_batchsize, -1, width * height)
-        energy = torch.bmm(proj_query, proj_key)
-        attention = self.softmax(energy)
-        proj_value = self.value_conv(x).view(m_batchsize, -1, width * height)
-        out = torch.bmm(proj_value, attention.permute(0, 2, 1))
-        out = out.view(m_batchsize, C, height, width)
-        return self.gamma * out + x
-
-
-class OfficialCAM(nn.Module):
-    def __init__(self, in_dim):
-        super().__init__()
-        self.chanel_in = in_dim
-        self.gamma = nn.Parameter(torch.zeros(1))
-        self.softmax = nn.Softmax(dim=-1)
-
-    def forward(self, x):
-        m_batchsize, C, height, width = x.size()
-        proj_query = x.view(m_batchsize, C, -1)
-        proj_key = x.view(m_batchsize, C, -1).permute(0, 2, 1)
-        energy = torch.bmm(proj_query, proj_key)
-        energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
-        attention = self.softmax(energy_new)
-        proj_value = x.view(m_batchsize, C, -1)
-        out = torch.bmm(attention, proj_value)
-        out = out.view(m_batchsize, C, height, width)
-        return self.gamma * out + x
 
 
 def randomize(module):
@@ -148,7 +105,7 @@ def official_resnet_keys(depths, deep_stem):
         keys |= {f"conv1.{i}.{s}" for i in (1, 4) for s in bn}
     else:
         keys |= {"conv1.weight"}
-    keys |= {f"bn1.{s}" for s in bn} | {"fc.weight", "fc.bias"}
+    keys |= {f"bn1.{s}" for s in bn}  # no fc: the official BaseNet sets pretrained.fc = None
     for li, blocks in enumerate(depths, start=1):
         for b in range(blocks):
             p = f"layer{li}.{b}"
@@ -190,7 +147,10 @@ def test_dilations_follow_output_stride_and_multi_grid():
 def test_load_torchvision_format_backbone(tmp_path):
     src = randomize(dilated_resnet("resnet50"))
     path = tmp_path / "resnet50.pth"
-    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)  # DataParallel-style keys
+    state = {f"module.{k}": v for k, v in src.state_dict().items()}  # DataParallel-style keys
+    # torchvision's file carries the ImageNet classifier, which the backbone drops
+    state.update({"module.fc.weight": torch.randn(1000, 2048), "module.fc.bias": torch.randn(1000)})
+    torch.save(state, path)
     model = DANet(3, backbone="resnet50")
     load_torchvision_resnet(model.pretrained, str(path))
     for k, v in src.state_dict().items():

@@ -27,7 +27,9 @@ class DANet(nn.Module):
         norm_layer: e.g. nn.BatchNorm2d; nn.SyncBatchNorm.convert_sync_batchnorm works on the result.
         backend: attention backend, "auto", "extension" or "reference".
 
-    A state dict of the official DANet (keys pretrained.*, head.*) loads with strict=True.
+    A state dict of the official DANet (keys pretrained.*, head.*) loads with
+    strict=True; `pretrained.fc.*` keys, which older code saved, are dropped.
+    `danet_ext.load_official_checkpoint` builds the right DANet for a file.
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
@@ -58,18 +60,41 @@ class DANet(nn.Module):
 
 class DANetLoss(nn.Module):
     """Cross-entropy summed over DANet's three outputs, as the official training:
-    loss = CE(sasc) + aux_weight * (CE(sa) + CE(sc)). A single tensor is scored alone."""
+    loss = CE(sasc) + aux_weight * (CE(sa) + CE(sc)). A single tensor is scored alone.
+
+    Each term is the mean over the pixels whose target is not `ignore_index`; a
+    batch in which every pixel is ignored gives 0 (with zero gradients), not NaN.
+    A target outside [0, num_classes) that is not `ignore_index` raises a
+    ValueError (datasets that mark unlabelled pixels with 255, as VOC and mmseg
+    do, need ignore_index=255).
+    """
 
     def __init__(self, aux_weight: float = 1.0, ignore_index: int = -1):
         super().__init__()
         self.aux_weight = aux_weight
         self.ignore_index = ignore_index
 
+    def _check_target(self, logits: Tensor, target: Tensor) -> None:
+        if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"danet_ext: DANetLoss target must hold integer class indices, got {target.dtype}")
+        num_classes = logits.shape[1]
+        bad = (target != self.ignore_index) & ((target < 0) | (target >= num_classes))
+        if bool(bad.any()):
+            values = sorted(set(target[bad].unique()[:5].tolist()))
+            raise ValueError(
+                f"danet_ext: DANetLoss target holds {values}, outside [0, {num_classes}) and not ignore_index "
+                f"({self.ignore_index}); if those values mark unlabelled pixels (255 in VOC and mmseg), "
+                f"pass DANetLoss(ignore_index={values[-1]})")
+
+    def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
+        total = F.cross_entropy(logits, target.long(), ignore_index=self.ignore_index, reduction="sum")
+        count = (target != self.ignore_index).sum().clamp(min=1)
+        return total / count.to(total.dtype)
+
     def forward(self, outputs: Union[Tensor, Sequence[Tensor]], target: Tensor) -> Tensor:
-        if isinstance(outputs, Tensor):
-            return F.cross_entropy(outputs, target, ignore_index=self.ignore_index)
-        main, *aux = outputs
-        loss = F.cross_entropy(main, target, ignore_index=self.ignore_index)
+        main, *aux = (outputs,) if isinstance(outputs, Tensor) else outputs
+        self._check_target(main, target)
+        loss = self._ce(main, target)
         for o in aux:
-            loss = loss + self.aux_weight * F.cross_entropy(o, target, ignore_index=self.ignore_index)
+            loss = loss + self.aux_weight * self._ce(o, target)
         return loss

@@ -53,13 +53,16 @@ class DilatedResNet(nn.Module):
         output_stride: 8 (layer3 dilation 2, layer4 dilation 4), 16 or 32.
         multi_grid: per-block dilations of layer4, e.g. (4, 8, 16); None for uniform.
         deep_stem: three 3x3 convolutions (64, 64, 128 channels) instead of one 7x7.
-        num_classes: size of the ImageNet classifier `fc`, kept so ImageNet and
-            official DANet checkpoints load with strict=True; unused in segmentation.
+
+    There is no ImageNet classifier: like the official DANet backbone (whose `fc`
+    is set to None), the network ends at layer4. Incoming `fc.*` keys (ImageNet
+    checkpoints, DANet checkpoints from older code) are dropped on load, so both
+    kinds load with strict=True.
     """
 
     def __init__(self, depths: Sequence[int], output_stride: int = 8,
                  multi_grid: Optional[Sequence[int]] = None, deep_stem: bool = False,
-                 norm_layer: NormLayer = nn.BatchNorm2d, num_classes: int = 1000):
+                 norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
         self.inplanes = 128 if deep_stem else 64
         if deep_stem:
@@ -83,8 +86,6 @@ class DilatedResNet(nn.Module):
         self.layer3 = self._make_layer(256, depths[2], s3, self._dilations(d3, depths[2]), norm_layer)
         layer4_dilations = list(multi_grid) if multi_grid is not None else self._dilations(d4, depths[3])
         self.layer4 = self._make_layer(512, depths[3], s4, layer4_dilations, norm_layer)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -118,8 +119,16 @@ class DilatedResNet(nn.Module):
         c4 = self.layer4(c3)
         return c1, c2, c3, c4
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.forward_features(x)[3]), 1))
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.forward_features(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # An ImageNet classifier has no place in a segmentation backbone: drop it.
+        for name in ("fc.weight", "fc.bias"):
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 def dilated_resnet(name: str = "resnet101", **kwargs) -> DilatedResNet:

@@ -24,7 +24,7 @@ class UsageError(Exception):
 def cmd_info(args) -> int:
     import torch
 
-    from . import build_info
+    from .. import build_info
 
     info = build_info()
     print(json.dumps(info, indent=1))
@@ -45,7 +45,7 @@ def _device(name: str) -> str:
 def cmd_check(args) -> int:
     import torch
 
-    from . import _build
+    from .. import _build
     from .check import format_rows, run_checks
 
     device = _device(args.device)
@@ -53,7 +53,7 @@ def cmd_check(args) -> int:
         raise UsageError(f"no compiled {device} kernels to check (build_info: {_build.build_info()['backends']})")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "float64"] if device == "cpu"
                                                           else ["float32", "float16", "bfloat16"]))]
-    from .ops import KERNEL_DTYPES
+    from ..ops import KERNEL_DTYPES
 
     for d in dtypes:
         if d not in KERNEL_DTYPES[device]:
@@ -69,12 +69,12 @@ def cmd_bench(args) -> int:
 
     from . import benchmark as bm
     from .demo import TinyDANet
-    from .models import DANet
-    from .nn import DANetHead
+    from ..models import DANet
+    from ..nn import DANetHead
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
+    _out_dir(args.out)
     meta = bm.machine_info(device)
     meta["matmul_fp32_gflops"] = round(bm.matmul_gflops(device), 1)
     meta["dtype"] = args.dtype
@@ -111,6 +111,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _out_dir(args.out)
     result = run_demo(out_dir=args.out, steps=args.steps, batch=args.batch, size=args.size, seed=args.seed,
                       compare=not args.no_compare)
     if result["miou"] < 2 * result["chance_miou"]:
@@ -124,51 +125,81 @@ def cmd_segment(args) -> int:
 
     try:
         out = segment_file(args.checkpoint, args.image, args.out, num_classes=args.num_classes,
-                           palette=args.palette, window=args.window, flip=args.flip, backbone=args.backbone)
+                           palette=args.palette, window=args.window, flip=args.flip, backbone=args.backbone,
+                           verbose=True)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    except OSError as exc:  # e.g. the overlay cannot be written
+        raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from exc
     print("wrote", out)
     return 0
 
 
+def _out_dir(path: str, option: str = "--out") -> str:
+    """Create the output folder of bench/demo, or say in one line why not."""
+    from .segment import check_writable_dir
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a file, not a folder")
+    try:
+        check_writable_dir(path, option)
+        os.makedirs(path, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc) if isinstance(exc, ValueError) else f"{option} {path}: {exc.strerror}") from exc
+    return path
+
+
+# Limits checked before any work: (option, smallest, largest).
+LIMITS = {"steps": (1, 10**7), "batch": (1, 4096), "size": (16, 4096), "repeats": (1, 1000),
+          "window": (32, 16384), "num_classes": (1, 10_000)}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="danet-ext", description="Fused DANet attention: info, checks, benchmarks, demo.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="danet-ext", description="Fused DANet attention: info, checks, benchmarks, "
+                                "demo, segmentation.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("info", help="build info and visible devices")
+    s = sub.add_parser("info", help="build info and visible devices", formatter_class=fmt)
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("check", help="compiled kernels against the pure-PyTorch reference")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default: all the device takes")
+    s = sub.add_parser("check", help="compiled kernels against the pure-PyTorch reference", formatter_class=fmt)
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device whose kernels to check")
+    s.add_argument("--dtype", choices=DTYPES, action="append",
+                   help="repeatable; None means float32 and float64 on cpu, float32/float16/bfloat16 on cuda")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("bench", help="speed and peak memory against the reference and SDPA")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("--dtype", choices=DTYPES[:3], default="float32")
-    s.add_argument("--quick", action="store_true", help="small sizes only (about a minute on 2 CPU cores)")
-    s.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("bench", help="speed and peak memory against the reference and SDPA", formatter_class=fmt)
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to benchmark")
+    s.add_argument("--dtype", choices=DTYPES[:3], default="float32", help="input dtype")
+    s.add_argument("--quick", action="store_true",
+                   help="small sizes only (about 3 minutes on 2 CPU cores; the full run takes much longer)")
+    s.add_argument("--repeats", type=int, default=3, help="timed runs per case (the median is reported)")
     s.add_argument("--out", default="bench-out", help="folder for results.csv/.json and plots")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("demo", help="train a small DANet on synthetic shapes (a few minutes on a CPU)")
-    s.add_argument("--out", default="demo-out")
-    s.add_argument("--steps", type=int, default=500)
-    s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("demo", help="train a small DANet on synthetic shapes, then compare backends "
+                       "(about 5 minutes on 2 CPU cores, 4 of them training)", formatter_class=fmt)
+    s.add_argument("--out", default="demo-out", help="folder for the prediction grid, checkpoint and sample image")
+    s.add_argument("--steps", type=int, default=500, help="training steps")
+    s.add_argument("--batch", type=int, default=16, help="images per step")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="random seed for data and initialisation")
     s.add_argument("--no-compare", action="store_true", help="skip the backend speed/memory comparison")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("segment", help="segment an image with a trained checkpoint")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--image", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--num-classes", type=int, default=None)
-    s.add_argument("--backbone", choices=["resnet50", "resnet101"], default="resnet101",
-                   help="for bare DANet state dicts")
-    s.add_argument("--palette", choices=["cityscapes", "voc"], default="cityscapes")
-    s.add_argument("--window", type=int, default=512, help="sliding-window size for large images")
+    s = sub.add_parser("segment", help="segment an image with a trained checkpoint", formatter_class=fmt)
+    s.add_argument("--checkpoint", required=True,
+                   help="from `danet-ext demo`, examples/train.py, or an official DANet state dict")
+    s.add_argument("--image", required=True, help="image file (any format PIL reads)")
+    s.add_argument("--out", required=True, help="overlay image to write (.png, .jpg, ...)")
+    s.add_argument("--num-classes", type=int, default=None,
+                   help="None means what the checkpoint shows; must agree with it")
+    s.add_argument("--backbone", choices=["resnet50", "resnet101", "resnet152"], default=None,
+                   help="for DANet checkpoints; None means what the keys show; must agree with them")
+    s.add_argument("--palette", choices=["cityscapes", "voc"], default="cityscapes", help="class colours")
+    s.add_argument("--window", type=int, default=512,
+                   help="sliding-window size for images larger than it (at least 32)")
     s.add_argument("--flip", action="store_true", help="average with the mirrored image")
     s.set_defaults(func=cmd_segment)
     return p
@@ -177,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "size", "repeats", "window", "num_classes"):
+    for name, (low, high) in LIMITS.items():
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.exit(2, f"danet-ext: error: --{name.replace('_', '-')} must be positive, got {value}\n")
+        if value is not None and not low <= value <= high:
+            what = "must be positive" if value < 1 <= low else f"must be in [{low}, {high}]"
+            parser.exit(2, f"danet-ext: error: --{name.replace('_', '-')} {what}, got {value}\n")
     try:
         return args.func(args)
     except UsageError as exc:

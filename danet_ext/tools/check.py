@@ -13,8 +13,8 @@ from typing import Callable, List, Sequence
 
 import torch
 
-from . import reference
-from .ops import channel_attention, position_attention
+from .. import reference
+from ..ops import channel_attention, position_attention
 
 PAM_SHAPES = [(1, 8, 16, 1, 1), (2, 8, 5, 7, 9), (3, 1, 64, 17, 23), (1, 64, 512, 32, 32), (1, 64, 64, 33, 65)]
 CAM_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (2, 64, 33, 31), (1, 512, 32, 32)]

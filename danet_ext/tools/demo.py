@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import benchmark as bm
-from .models.danet import UP_KWARGS, DANetLoss
-from .nn import DANetHead
+from ..models.danet import UP_KWARGS, DANetLoss
+from ..nn import DANetHead
 from .synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
 
 
@@ -132,7 +132,7 @@ def run_demo(out_dir: str = "demo-out", steps: int = 400, batch: int = 16, size:
 
 
 def _have_kernel() -> bool:
-    from .ops import kernel_unavailable_reason
+    from ..ops import kernel_unavailable_reason
 
     return kernel_unavailable_reason(torch.device("cpu"), torch.float32) is None
 

@@ -1,0 +1,43 @@
+"""The machine a benchmark ran on: CPU, GPU, versions, matmul throughput."""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Dict
+
+import torch
+
+from ..._build import build_info
+from .measure import time_call
+
+
+def machine_info(device: str = "cpu") -> Dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "danet_ext_backends": build_info().get("backends", []),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def matmul_gflops(device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul speed, the yardstick for the kernels' GFLOP/s."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = time_call(lambda: a @ b, device, repeats=repeats)
+    return 2 * n ** 3 / t / 1e9

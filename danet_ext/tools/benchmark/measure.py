@@ -1,0 +1,91 @@
+"""Timing and peak memory of one call: medians after a warm-up; on CUDA the
+caching allocator's peak, on the CPU the peak resident set (Linux VmHWM, reset
+through /proc/self/clear_refs, with glibc told to return large blocks)."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: str, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _read_status_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_peak_tracking_available() -> bool:
+    return os.access("/proc/self/clear_refs", os.W_OK) and _read_status_kib("VmHWM") is not None
+
+
+_libc = None
+
+
+def _release_freed_memory() -> None:
+    # Blocks of 64 KiB and more are mmapped and returned to the system on free,
+    # and what earlier frees left in the heap is trimmed, so that a call's new
+    # allocations show up in the resident set instead of reusing resident pages.
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> Optional[float]:
+    """Peak extra bytes held while fn() runs (its result is dropped afterwards), or None."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del result
+        return float(peak)
+    if not cpu_peak_tracking_available():
+        return None
+    _release_freed_memory()
+    base = _read_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set to the current one
+    result = fn()
+    peak = _read_status_kib("VmHWM")
+    del result
+    return float(max(0, peak - base) * 1024)
