@@ -21,7 +21,6 @@ leftImg8bit/train/*/*_leftImg8bit.png with gtFine/train/*/*_gtFine_labelTrainIds
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import random
@@ -38,44 +37,12 @@ import danet_ext
 from danet_ext.checkpoint import load_checkpoint_file
 from danet_ext.tools.demo import TinyDANet
 from danet_ext.models import DANet, DANetLoss, load_torchvision_resnet
+from danet_ext.tools.datasets import FolderSegmentation
 from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 IGNORE = 255
-
-
-class FolderSegmentation(Dataset):
-    def __init__(self, root: str, layout: str, split: str = "train"):
-        if layout == "voc":
-            ids_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-            if not os.path.isfile(ids_file):
-                raise FileNotFoundError(f"{ids_file} not found (voc layout)")
-            ids = open(ids_file).read().split()
-            self.pairs = [(os.path.join(root, "JPEGImages", f"{i}.jpg"),
-                           os.path.join(root, "SegmentationClass", f"{i}.png")) for i in ids]
-        elif layout == "cityscapes":
-            images = sorted(glob.glob(os.path.join(root, "leftImg8bit", split, "*", "*_leftImg8bit.png")))
-            self.pairs = [(p, p.replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png",
-                                                                              "_gtFine_labelTrainIds.png"))
-                          for p in images]
-        else:
-            raise ValueError(f"unknown layout {layout!r}")
-        if not self.pairs:
-            raise FileNotFoundError(f"no images found under {root} ({layout} layout, split {split})")
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        img_path, lab_path = self.pairs[i]
-        img = Image.open(img_path).convert("RGB")
-        lab = Image.open(lab_path)
-        image = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
-        label = torch.frombuffer(bytearray(lab.tobytes()), dtype=torch.uint8).view(lab.height, lab.width)
-        return image.permute(2, 0, 1).float() / 255, label.long()
 
 
 class SyntheticSegmentation(Dataset):

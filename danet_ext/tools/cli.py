@@ -5,6 +5,7 @@
     danet-ext bench [--device] [--quick] [--out DIR]   speed and memory, table + CSV/JSON/PNG
     danet-ext demo                      train a small DANet on synthetic shapes, then compare backends
     danet-ext segment --checkpoint F --image IMG --out OUT.png   colour overlay of a prediction
+    danet-ext evaluate --checkpoint F --data DIR [--scales ...] [--flip]   mIoU on a folder dataset
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from typing import List, Optional
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 class UsageError(Exception):
@@ -126,12 +128,36 @@ def cmd_segment(args) -> int:
     try:
         out = segment_file(args.checkpoint, args.image, args.out, num_classes=args.num_classes,
                            palette=args.palette, window=args.window, flip=args.flip, backbone=args.backbone,
-                           verbose=True)
+                           verbose=True, precision=args.precision)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:  # e.g. the overlay cannot be written
         raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from exc
     print("wrote", out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_folder, format_result
+    from .segment import CheckpointError
+
+    for scale in args.scales:
+        if not 0.1 <= scale <= 4.0:
+            raise UsageError(f"--scales must lie in [0.1, 4], got {scale}")
+    if not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data} is not a folder")
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"--checkpoint: not found: {args.checkpoint}")
+    _out_dir(args.out)
+    try:
+        result = evaluate_folder(args.checkpoint, args.data, layout=args.layout, split=args.split,
+                                 scales=args.scales, flip=args.flip, window=args.window, precision=args.precision,
+                                 out_dir=args.out, num_classes=args.num_classes, backbone=args.backbone,
+                                 limit=args.limit)
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(format_result(result))
+    print("wrote", ", ".join(result["files"]))
     return 0
 
 
@@ -151,7 +177,7 @@ def _out_dir(path: str, option: str = "--out") -> str:
 
 # Limits checked before any work: (option, smallest, largest).
 LIMITS = {"steps": (1, 10**7), "batch": (1, 4096), "size": (16, 4096), "repeats": (1, 1000),
-          "window": (32, 16384), "num_classes": (1, 10_000)}
+          "window": (32, 16384), "num_classes": (1, 10_000), "limit": (1, 10**7)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, default=512,
                    help="sliding-window size for images larger than it (at least 32)")
     s.add_argument("--flip", action="store_true", help="average with the mirrored image")
+    s.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="auto: bfloat16 on CPUs with bfloat16 hardware, float16 on CUDA, else float32")
     s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("evaluate", help="mIoU of a checkpoint on a folder dataset (the official evaluation)",
+                       formatter_class=fmt)
+    s.add_argument("--checkpoint", required=True,
+                   help="from `danet-ext demo`, examples/train.py, or an official DANet state dict")
+    s.add_argument("--data", required=True, help="dataset folder")
+    s.add_argument("--layout", choices=["voc", "cityscapes"], default="voc", help="folder layout")
+    s.add_argument("--split", default="val", help="split to evaluate")
+    s.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="image scales to average; the official multi-scale set is 0.5 0.75 1.0 1.25 1.5 1.75")
+    s.add_argument("--flip", action="store_true", help="also average with the mirrored images")
+    s.add_argument("--window", type=int, default=512, help="sliding-window size (at least 32)")
+    s.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="auto: bfloat16 on CPUs with bfloat16 hardware, float16 on CUDA, else float32")
+    s.add_argument("--num-classes", type=int, default=None, help="None means what the checkpoint shows")
+    s.add_argument("--backbone", choices=["resnet50", "resnet101", "resnet152"], default=None,
+                   help="None means what the keys show")
+    s.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
+    s.set_defaults(func=cmd_evaluate)
     return p
 
 

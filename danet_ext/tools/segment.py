@@ -192,13 +192,14 @@ def window_weights(size: int, ramp: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, image: torch.Tensor, window: int = 512, flip: bool = False,
-            normalize: bool = True) -> torch.Tensor:
+            normalize: bool = True, batch: int = 4) -> torch.Tensor:
     """Class probabilities (K, H, W) for one image (3, H, W) in [0, 1].
 
     Images larger than `window` are covered by windows that overlap by a third;
     each window's probabilities are weighted by `window_weights` (a ramp over the
     overlap) and the weighted sum is normalised, so window borders leave no seam.
-    `flip` averages with the mirrored image."""
+    Windows (all of one size) run `batch` at a time. `flip` averages with the
+    mirrored image."""
     if window < MIN_WINDOW:
         raise ValueError(f"--window must be at least {MIN_WINDOW}, got {window}")
     x = image.unsqueeze(0)
@@ -227,18 +228,20 @@ def predict(model: nn.Module, image: torch.Tensor, window: int = 512, flip: bool
         return s
 
     ramp = window - window * 2 // 3  # the overlap
-    probs = None
-    total = torch.zeros(1, 1, H, W)
-    for y0 in starts(H):
-        for x0 in starts(W):
-            tile = x[:, :, y0:y0 + window, x0:x0 + window]
-            h, w = tile.shape[2:]
-            weight = window_weights(h, ramp).view(h, 1) * window_weights(w, ramp).view(1, w)
-            p = run(tile)
-            if probs is None:
-                probs = torch.zeros(1, p.shape[1], H, W)
-            probs[:, :, y0:y0 + h, x0:x0 + w] += p * weight
-            total[:, :, y0:y0 + h, x0:x0 + w] += weight
+    corners = [(y0, x0) for y0 in starts(H) for x0 in starts(W)]
+    h, w = min(window, H), min(window, W)  # every window has this size
+    weight = window_weights(h, ramp).view(h, 1) * window_weights(w, ramp).view(1, w)
+    probs = total = None
+    for first in range(0, len(corners), max(1, batch)):
+        group = corners[first:first + max(1, batch)]
+        p = run(torch.cat([x[:, :, y0:y0 + h, x0:x0 + w] for y0, x0 in group]))
+        if probs is None:  # on the device the model returns its outputs on
+            probs = torch.zeros(1, p.shape[1], H, W, device=p.device)
+            total = torch.zeros(1, 1, H, W, device=p.device)
+            weight = weight.to(p.device)
+        for (y0, x0), pi in zip(group, p):
+            probs[0, :, y0:y0 + h, x0:x0 + w] += pi * weight
+            total[0, :, y0:y0 + h, x0:x0 + w] += weight
     return (probs / total)[0]
 
 
@@ -291,9 +294,10 @@ LEGEND_LINE = 18
 
 def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: Optional[int] = None,
                  palette: str = "cityscapes", window: int = 512, flip: bool = False,
-                 backbone: Optional[str] = None, verbose: bool = False) -> str:
+                 backbone: Optional[str] = None, verbose: bool = False, precision: str = "auto") -> str:
     """Segment one image and write the overlay (image with classes painted
-    half-transparent, background unpainted, a legend on the right)."""
+    half-transparent, background unpainted, a legend on the right). The model
+    runs through danet_ext.optimize_for_inference at `precision`."""
     from PIL import Image, ImageFont
 
     check_paths(checkpoint, image_path, out_path)
@@ -308,7 +312,8 @@ def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: O
     image = image.permute(2, 0, 1).float() / 255
     # the demo's model was trained on raw [0, 1] pixels; DANet checkpoints on ImageNet-normalised ones
     normalize = not (isinstance(getattr(model, "config", None), dict) and model.config.get("arch") == "tiny")
-    labels = predict(model, image, window=window, flip=flip, normalize=normalize).argmax(0)
+    fast = prepare(model, precision, verbose)
+    labels = predict(fast, image, window=window, flip=flip, normalize=normalize).argmax(0)
     names = model.class_names
     if names is None and palette == "cityscapes" and len(CITYSCAPES_CLASSES) == model_classes(model):
         names = list(CITYSCAPES_CLASSES)
@@ -330,6 +335,18 @@ def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: O
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     canvas.save(out_path)
     return out_path
+
+
+def prepare(model: nn.Module, precision: str, verbose: bool = False) -> nn.Module:
+    """The model through optimize_for_inference (BatchNorm folded, channels_last,
+    the precision asked for, "auto" choosing what the hardware runs fastest)."""
+    from ..inference import optimize_for_inference
+
+    fast = optimize_for_inference(model, precision=precision)
+    if verbose:
+        print(f"inference: {str(fast.dtype).replace('torch.', '')}, channels_last, "
+              f"{fast.folded_batch_norms} BatchNorms folded, on {fast.device}", flush=True)
+    return fast
 
 
 def model_classes(model: nn.Module) -> int:
