@@ -8,7 +8,8 @@
 // backward recomputes each score tile from the saved log-sum-exp. Every tile
 // product is a GEMM (blas.h); exp and the row reductions are vectorised loops
 // (row_ops.h). float16 inputs are computed in float32; bfloat16 ones too, except
-// on CPUs with bfloat16 hardware, where the products run in bfloat16 (bf16_gemm.h).
+// on CPUs with bfloat16 hardware, where O = V P^T (forward) and the four backward
+// products after the score recomputation run in bfloat16 (bf16_gemm.h).
 #include <algorithm>
 #include <vector>
 
@@ -198,7 +199,14 @@ template <typename scalar_t>
 void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* out, const scalar_t* stats,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
-                     int64_t Cq, int64_t C, int64_t N) {
+                     int64_t Cq, int64_t C, int64_t N,
+                     const at::BFloat16* const* inputs16 = nullptr) {
+  // With inputs16 = {dO, Q, K, V} in bfloat16 (bfloat16 inputs on bfloat16
+  // hardware): the products dV += dO P, dP = dO^T V, dK += Q dS and dQ += K dS^T
+  // run in bfloat16 (bf16_gemm.h), P and dS rounded to bfloat16 as the
+  // reference rounds its softmax and its gradient; the recomputed scores, the
+  // softmax and every sum across tiles stay float32.
+  const bool lowp = inputs16 != nullptr;
   const int64_t num_threads = at::get_num_threads();
   // Key blocks are the unit of parallel work (batches run one after another).
   const int64_t block_k = balanced_block(N, 1, kBwdBlockK, 64, num_threads);
@@ -229,6 +237,8 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     std::fill(dq_partial.begin(), dq_partial.end(), scalar_t(0));
     at::parallel_for(0, k_blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
+      std::vector<at::BFloat16> p16(lowp ? kBwdBlockQ * block_k : 0), ds16(lowp ? kBwdBlockQ * block_k : 0),
+          prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid < num_threads, "danet_ext: thread ", tid, " outside the ", num_threads,
                   " dQ buffers (was torch.set_num_threads called during the backward?)");
@@ -246,20 +256,53 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
             scale_row(row, bk, inv_row_sum[i0 + i]);
           }
-          gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
-                         block_k, beta, dvb + j0, N);
-          gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0,
-                         dscores.data(), block_k);
+          const at::BFloat16* do16 = lowp ? inputs16[0] + b * C * N : nullptr;
+          const at::BFloat16* q16 = lowp ? inputs16[1] + b * Cq * N : nullptr;
+          const at::BFloat16* k16 = lowp ? inputs16[2] + b * Cq * N : nullptr;
+          const at::BFloat16* v16 = lowp ? inputs16[3] + b * C * N : nullptr;
+          // dst (rows x cols, row stride ld) = (keep ? dst : 0) + the bfloat16 product in prod16
+          auto add_product = [&](scalar_t* dst, int64_t ld, int64_t rows, int64_t cols, bool keep) {
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c)
+                dst[r * ld + c] = (keep ? dst[r * ld + c] : scalar_t(0)) +
+                                  static_cast<scalar_t>(prod16[r * cols + c]);
+          };
+          if (lowp) {
+            for (int64_t i = 0; i < bq; ++i)
+              for (int64_t j = 0; j < bk; ++j)
+                p16[i * block_k + j] = static_cast<at::BFloat16>(probs[i * block_k + j]);
+            bf16_mm(false, false, C, bk, bq, do16 + i0, N, p16.data(), block_k, prod16.data(), bk);
+            add_product(dvb + j0, N, C, bk, i0 > 0);
+            bf16_mm(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, ds16.data(), block_k);
+            for (int64_t i = 0; i < bq; ++i)
+              for (int64_t j = 0; j < bk; ++j)
+                dscores[i * block_k + j] = static_cast<scalar_t>(ds16[i * block_k + j]);
+          } else {
+            gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
+                           block_k, beta, dvb + j0, N);
+            gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0,
+                           dscores.data(), block_k);
+          }
           for (int64_t i = 0; i < bq; ++i) {
             scalar_t* ds = dscores.data() + i * block_k;
             const scalar_t* p = probs.data() + i * block_k;
             const scalar_t d = static_cast<scalar_t>(row_dot[i0 + i]);
             for (int64_t j = 0; j < bk; ++j) ds[j] = softmax_grad(p[j], ds[j], d);
           }
-          gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
-                         block_k, beta, dkb + j0, N);
-          gemm<scalar_t>(false, true, Cq, bq, bk, 1, kb + j0, N, dscores.data(),
-                         block_k, 1, dq_mine + i0, N);
+          if (lowp) {
+            for (int64_t i = 0; i < bq; ++i)
+              for (int64_t j = 0; j < bk; ++j)
+                ds16[i * block_k + j] = static_cast<at::BFloat16>(dscores[i * block_k + j]);
+            bf16_mm(false, false, Cq, bk, bq, q16 + i0, N, ds16.data(), block_k, prod16.data(), bk);
+            add_product(dkb + j0, N, Cq, bk, i0 > 0);
+            bf16_mm(false, true, Cq, bq, bk, k16 + j0, N, ds16.data(), block_k, prod16.data(), bq);
+            add_product(dq_mine + i0, N, Cq, bq, true);
+          } else {
+            gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
+                           block_k, beta, dkb + j0, N);
+            gemm<scalar_t>(false, true, Cq, bq, bk, 1, kb + j0, N, dscores.data(),
+                           block_k, 1, dq_mine + i0, N);
+          }
         }
       }
     });
@@ -326,13 +369,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
+  const bool lowp = value.scalar_type() == at::kBFloat16 && use_bf16_gemm();
+  std::vector<at::Tensor> keep16;  // dO, Q, K, V in bfloat16, contiguous
+  std::vector<const at::BFloat16*> ptr16;
+  if (lowp) {
+    for (const at::Tensor* t : {&grad_out, &query, &key, &value}) {
+      keep16.push_back(t->contiguous());
+      ptr16.push_back(keep16.back().data_ptr<at::BFloat16>());
+    }
+  }
   if (B * N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "position_attention_backward_cpu", [&] {
       backward_kernel<scalar_t>(go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                                 k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                 o.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                                dv.data_ptr<scalar_t>(), B, Cq, C, N);
+                                dv.data_ptr<scalar_t>(), B, Cq, C, N,
+                                lowp ? ptr16.data() : nullptr);
     });
   }
   const auto dt = value.scalar_type();
