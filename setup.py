@@ -55,6 +55,8 @@ except ImportError:  # pragma: no cover - only hit on a broken set-up
 
 VERSION = "0.1.0"
 RUNTIME_REQUIREMENTS = ["torch>=2.13", "numpy", "tqdm", "matplotlib", "pillow"]
+# `danet-ext export` and the runtimes it targets: pip install 'danet-ext[export]'
+EXTRAS = {"export": ["onnx", "onnxscript", "onnxruntime", "openvino"]}
 DEFAULT_ARCH_LIST = "8.0;9.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
@@ -167,5 +169,6 @@ setup(
     # demo and segment need tqdm, matplotlib and pillow). torch is the one already
     # installed: build with --no-build-isolation, and pip keeps it.
     install_requires=RUNTIME_REQUIREMENTS,
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["danet-ext=danet_ext.tools.cli:main"]},
 )

@@ -6,6 +6,7 @@
     danet-ext demo                      train a small DANet on synthetic shapes, then compare backends
     danet-ext segment --checkpoint F --image IMG --out OUT.png   colour overlay of a prediction
     danet-ext evaluate --checkpoint F --data DIR [--scales ...] [--flip]   mIoU on a folder dataset
+    danet-ext export --checkpoint F --format onnx|openvino --out FILE   deployment model, fused attention
 """
 from __future__ import annotations
 
@@ -161,6 +162,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import check_out_path, export_checkpoint
+    from .segment import CheckpointError, check_writable_dir
+
+    try:
+        size = tuple(int(v) for v in args.input_size.lower().split("x"))
+        if len(size) != 2 or not all(32 <= v <= 8192 for v in size):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--input-size must be HxW with sides in [32, 8192], e.g. 512x1024; got {args.input_size}") from None
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"--checkpoint: not found: {args.checkpoint}")
+    try:
+        check_out_path(args.out, args.format)
+        check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+        result = export_checkpoint(args.checkpoint, args.out, args.format, size, num_classes=args.num_classes,
+                                   backbone=args.backbone)
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    err = result["max_abs_diff_vs_pytorch"]
+    print(f"wrote {result['out']} ({args.format}, input 1x3x{size[0]}x{size[1]}); fused attention: "
+          f"{result['attention_ops']}; max |difference| from PyTorch on a random image: "
+          f"{'not checked (onnxruntime missing)' if err is None else f'{err:.2e}'}")
+    return 0
+
+
 def _out_dir(path: str, option: str = "--out") -> str:
     """Create the output folder of bench/demo, or say in one line why not."""
     from .segment import check_writable_dir
@@ -250,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="a checkpoint as an ONNX or OpenVINO model with fused attention",
+                       formatter_class=fmt)
+    s.add_argument("--checkpoint", required=True,
+                   help="from `danet-ext demo`, examples/train.py, or an official DANet state dict")
+    s.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx: opset 23 with a fused Attention node; openvino: IR (.xml + .bin)")
+    s.add_argument("--out", required=True, help="file to write (.onnx, or .xml for openvino)")
+    s.add_argument("--input-size", default="512x1024", help="input height x width the model is exported for")
+    s.add_argument("--num-classes", type=int, default=None, help="None means what the checkpoint shows")
+    s.add_argument("--backbone", choices=["resnet50", "resnet101", "resnet152"], default=None,
+                   help="None means what the keys show")
+    s.set_defaults(func=cmd_export)
     return p
 
 

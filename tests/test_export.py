@@ -1,0 +1,75 @@
+"""`danet-ext export`: ONNX and OpenVINO models whose position attention is one fused
+attention operation, and whose outputs match PyTorch's."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from danet_ext.tools.demo import TinyDANet
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = TinyDANet(4, width=16).eval()
+    for m in model.modules():
+        if hasattr(m, "gamma"):
+            m.gamma.data.fill_(0.5)  # the attention branches must count in the output
+    path = tmp_path / "tiny.pt"
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+    return model, path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "danet_ext", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_onnx_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, ckpt = checkpoint
+    out = tmp_path / "m.onnx"
+    res = run_cli("export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--input-size", "72x96")
+    assert res.returncode == 0, res.stderr
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Attention") == 1 and ops.count("Softmax") == 1  # CAM's C x C softmax only
+    x = torch.rand(1, 3, 72, 96)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x)[0].numpy()
+    assert got.shape == (1, 4, 72, 96)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
+    ov = pytest.importorskip("openvino")
+    model, ckpt = checkpoint
+    out = tmp_path / "m.xml"
+    res = run_cli("export", "--checkpoint", str(ckpt), "--format", "openvino", "--out", str(out),
+                  "--input-size", "64x80")
+    assert res.returncode == 0, res.stderr
+    core = ov.Core()
+    ir = core.read_model(str(out))
+    types = [op.get_type_name() for op in ir.get_ops()]
+    assert types.count("ScaledDotProductAttention") == 1
+    x = torch.rand(1, 3, 64, 80)
+    got = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]
+    with torch.no_grad():
+        expected = model(x)[0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "onnx", "--out", "m.xml"], "ending in .onnx"),
+    (["--format", "openvino", "--out", "m.onnx"], "ending in .xml"),
+    (["--format", "onnx", "--out", "m.onnx", "--input-size", "12x4000000"], "--input-size must be HxW"),
+])
+def test_export_argument_errors_are_one_line(tmp_path, checkpoint, args, message):
+    _, ckpt = checkpoint
+    res = run_cli("export", "--checkpoint", str(ckpt), *args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("danet-ext: error")]
+    assert len(errors) == 1 and message in errors[0], res.stderr
