@@ -9,7 +9,7 @@
 //   DANET_SHARED(T, name, dims)                      __shared__ T name dims;
 //   DANET_SHARED_ALIGNED(align, T, name, dims)       __shared__ __align__(align) T name dims;
 //   DANET_DYNAMIC_SHARED(T, name)                    extern __shared__ T name[];  (128-byte aligned)
-// `kernel` must be one token (take `auto kernel = f<A, B>;` for templates).
+// `kernel_fn` must be one macro argument (take `auto kernel = f<A, B>;` for templates with commas).
 // The geometry (grid, block, dynamic shared bytes) is computed by host functions
 // in the *_kernels.cuh headers with make_geometry(), which checks the limits;
 // both builds call them, so the geometry is tested by the emulation too.
@@ -67,22 +67,29 @@ inline LaunchGeometry make_geometry(const char* kernel, int64_t gx, int64_t gy, 
 
 #if defined(DANET_CUDA_EMULATION)
 
-#define DANET_LAUNCH(kernel, geometry, stream, ...) \
-  ::danet_emu::launch((geometry).kernel, (geometry).grid, (geometry).block, (geometry).dynamic_shared, kernel, __VA_ARGS__)
+#define DANET_LAUNCH(kernel_fn, geometry, stream, ...)                                                \
+  do {                                                                                                  \
+    const ::danet::cuda::LaunchGeometry& danet_geometry_ = (geometry);                                  \
+    if (danet_geometry_.dynamic_shared > static_cast<size_t>(::danet::cuda::kDefaultSharedBytes)) {     \
+      ::danet_emu::set_max_dynamic_shared(kernel_fn, danet_geometry_.dynamic_shared);                   \
+    }                                                                                                   \
+    ::danet_emu::launch(danet_geometry_.kernel, danet_geometry_.grid, danet_geometry_.block,            \
+                        danet_geometry_.dynamic_shared, kernel_fn, __VA_ARGS__);                        \
+  } while (0)
 #define DANET_SHARED(T, name, dims) DANET_EMU_SHARED(T, name, dims)
 #define DANET_SHARED_ALIGNED(align, T, name, dims) DANET_EMU_SHARED(T, name, dims)
 #define DANET_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::danet_emu::dynamic_shared())
 
 #else
 
-#define DANET_LAUNCH(kernel, geometry, stream, ...)                                                     \
+#define DANET_LAUNCH(kernel_fn, geometry, stream, ...)                                                  \
   do {                                                                                                  \
     const ::danet::cuda::LaunchGeometry& danet_geometry_ = (geometry);                                  \
     if (danet_geometry_.dynamic_shared > static_cast<size_t>(::danet::cuda::kDefaultSharedBytes)) {     \
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,          \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_fn, cudaFuncAttributeMaxDynamicSharedMemorySize,       \
                                           static_cast<int>(danet_geometry_.dynamic_shared)));           \
     }                                                                                                   \
-    kernel<<<danet_geometry_.grid, danet_geometry_.block, danet_geometry_.dynamic_shared, stream>>>(    \
+    kernel_fn<<<danet_geometry_.grid, danet_geometry_.block, danet_geometry_.dynamic_shared, stream>>>(    \
         __VA_ARGS__);                                                                                   \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                     \
   } while (0)
