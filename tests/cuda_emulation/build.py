@@ -2,9 +2,9 @@
 host C++ compiler, as a small torch extension, and loads it.
 
     load()                        the plain build (poisoned shared memory, barrier/warp checks)
-    load("asan") / load("tsan")   AddressSanitizer / ThreadSanitizer builds; these must be
-                                  imported in a process started with the sanitizer runtime
-                                  preloaded (see sanitizer_env()), so tests run them in a
+    build_only("asan" | "tsan")   AddressSanitizer / ThreadSanitizer builds; import_built()
+                                  imports one in a process started with the sanitizer runtime
+                                  preloaded (sanitizer_env()): the tests run them in a
                                   subprocess (tests/cuda_emulation/sanitized_run.py)
     load(mutations={...})         a build of a mutated copy of csrc/cuda, for the tests that
                                   check that a broken kernel is caught
@@ -47,9 +47,7 @@ def _mutated_tree(mutations):
     return os.path.join(dest, "cuda"), key
 
 
-def load(variant="plain", mutations=None, verbose=False):
-    from torch.utils import cpp_extension
-
+def _config(variant, mutations):
     cuda_dir = CSRC_CUDA
     name = f"danet_cuda_emulation_{variant}"
     if mutations:
@@ -59,15 +57,43 @@ def load(variant="plain", mutations=None, verbose=False):
     os.makedirs(build_dir, exist_ok=True)
     opt = "-O1" if variant != "plain" else "-O2"
     flags = [opt, "-g", "-DDANET_CUDA_EMULATION", "-Wno-unknown-pragmas", "-pthread"] + SANITIZER_FLAGS[variant]
-    return cpp_extension.load(
-        name=name,
-        sources=[os.path.join(HERE, "emulated_ops.cpp")],
-        extra_include_paths=[cuda_dir, HERE],
-        extra_cflags=flags,
-        extra_ldflags=SANITIZER_FLAGS[variant] + ["-pthread"],
-        build_directory=build_dir,
-        verbose=verbose,
-    )
+    return dict(name=name, sources=[os.path.join(HERE, "emulated_ops.cpp")],
+                extra_include_paths=[cuda_dir, HERE], extra_cflags=flags,
+                extra_ldflags=SANITIZER_FLAGS[variant] + ["-pthread"], build_directory=build_dir)
+
+
+def load(variant="plain", mutations=None, verbose=False):
+    """Builds (if needed) and imports. A sanitizer build can only be imported in a
+    process that preloads the sanitizer runtime: use build_only() + import_built() there."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(verbose=verbose, **_config(variant, mutations))
+
+
+def build_only(variant, verbose=False):
+    """Compiles and links without importing (the sanitizer builds cannot be imported
+    into a process started without their runtime)."""
+    from torch.utils import cpp_extension
+
+    c = _config(variant, None)
+    cpp_extension._write_ninja_file_and_build_library(
+        c["name"], c["sources"], c["extra_cflags"], None, None, c["extra_ldflags"], c["extra_include_paths"],
+        c["build_directory"], verbose, with_cuda=False, with_sycl=False)
+    return os.path.join(c["build_directory"], c["name"] + ".so")
+
+
+def import_built(variant):
+    """Imports a build made by build_only()."""
+    import importlib.util
+
+    import torch  # noqa: F401  (the extension links against torch's libraries)
+
+    c = _config(variant, None)
+    path = os.path.join(c["build_directory"], c["name"] + ".so")
+    spec = importlib.util.spec_from_file_location(c["name"], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def sanitizer_runtime(variant):
@@ -94,4 +120,8 @@ def sanitizer_env(variant):
 
 
 if __name__ == "__main__":
-    load(sys.argv[1] if len(sys.argv) > 1 else "plain", verbose=True)
+    variant = sys.argv[1] if len(sys.argv) > 1 else "plain"
+    if variant == "plain":
+        load(variant, verbose=True)
+    else:
+        print(build_only(variant, verbose=True))

@@ -44,7 +44,7 @@ def grid(emu):
 
 def main():
     variant, what = sys.argv[1], sys.argv[2]
-    emu = build.load(variant)
+    emu = build.import_built(variant)
     if what == "grid":
         grid(emu)
     else:

@@ -287,7 +287,7 @@ def test_mutant_without_zero_fill_fails(mutant):
 # ---- AddressSanitizer and ThreadSanitizer builds ----------------------------
 
 def run_sanitized(variant, *args):
-    build.load(variant)  # compile here; import it under the sanitizer runtime in a subprocess
+    build.build_only(variant)  # compile here; import it under the sanitizer runtime in a subprocess
     return subprocess.run([sys.executable, os.path.join(HERE, "sanitized_run.py"), variant, *args],
                           env=build.sanitizer_env(variant), capture_output=True, text=True, timeout=900)
 
