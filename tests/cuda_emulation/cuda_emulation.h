@@ -1,6 +1,7 @@
 // CUDA emulation: runs the project's CUDA kernels (csrc/cuda/*_kernels.cuh),
 // compiled unchanged by the host C++ compiler, on CPU threads. Test
-// infrastructure only (tests/cuda_emulation/README.md), not a user feature.
+// infrastructure only (README.md, "Tests"; run by `make test-cuda-emulated`),
+// not a user feature.
 //
 // Execution model
 //   * Blocks run one after another; the threads of a block run concurrently as
