@@ -114,6 +114,15 @@ __global__ void wmma_misaligned_kernel(const M* a, float* c) {
   c[threadIdx.x] = static_cast<float>(fa.x[0]);
 }
 
+// Deadlock: lanes 0-15 wait in a full-mask shuffle for lanes 16-31, which wait
+// at the barrier for lanes 0-15. Reported after the timeout instead of hanging.
+__global__ void shuffle_barrier_deadlock_kernel(const float* in, float* out) {
+  float v = in[threadIdx.x];
+  if (threadIdx.x % 32 < 16) v += __shfl_xor_sync(0xffffffffu, v, 16);
+  __syncthreads();
+  out[threadIdx.x] = v;
+}
+
 // Static shared memory over 48 KiB.
 __global__ void big_shared_kernel(float* out) {
   DANET_SHARED(float, big, [13 * 1024]);  // 52 KiB

@@ -159,6 +159,8 @@ Tensor selftest(const std::string& name, const Tensor& in, const Tensor& in2) {
     Tensor a = in.to(at::kHalf).contiguous();
     DANET_LAUNCH(wmma_misaligned_kernel<__half>, one_block("wmma_misaligned_kernel", 32), nullptr,
                  reinterpret_cast<const __half*>(a.data_ptr<c10::Half>()), op);
+  } else if (name == "deadlock") {
+    DANET_LAUNCH(shuffle_barrier_deadlock_kernel, one_block("shuffle_barrier_deadlock_kernel", 64), nullptr, ip, op);
   } else if (name == "big_shared") {
     DANET_LAUNCH(big_shared_kernel, one_block("big_shared_kernel", 256), nullptr, op);
   } else if (name == "too_many_threads") {

@@ -222,6 +222,15 @@ def test_selftest_reported_as_error(emu, name, message):
         assert "kernel " in str(info.value)  # names the kernel
 
 
+def test_selftest_deadlock_times_out_instead_of_hanging(emu):
+    emu.set_timeout(1.0)
+    try:
+        with pytest.raises(RuntimeError, match=r"shuffle_barrier_deadlock_kernel.*timeout"):
+            emu.selftest("deadlock", torch.randn(256), torch.randn(256))
+    finally:
+        emu.set_timeout(0.0)  # back to the default
+
+
 def test_selftest_uninitialised_shared_read_is_nan(emu):
     out = emu.selftest("uninitialised_shared_read", torch.randn(256), torch.randn(256))
     assert torch.isnan(out[:128]).all() and torch.isfinite(out[128:]).all()
