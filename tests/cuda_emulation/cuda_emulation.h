@@ -612,6 +612,17 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   if (src < (lane / width) * width) src = -1;
   return danet_emu::shuffle(mask, v, src, "__shfl_up_sync");
 }
+// The lanes of the caller's warp that have not left the kernel (the device's
+// answer can be smaller: lanes that diverged are not active there either).
+inline unsigned __activemask() {
+  danet_emu::Warp& w = *danet_emu::tls.block->warps[danet_emu::tls.linear / 32];
+  std::lock_guard<std::mutex> l(w.m);
+  return w.lanes & ~w.exited;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
 inline unsigned __ballot_sync(unsigned mask, int pred) { return danet_emu::vote(mask, pred, "__ballot_sync"); }
 inline int __any_sync(unsigned mask, int pred) { return danet_emu::vote(mask, pred, "__any_sync") != 0; }
 inline int __all_sync(unsigned mask, int pred) { return danet_emu::vote(mask, pred, "__all_sync") == mask; }
