@@ -4,6 +4,8 @@
 #
 #   make demo        the main job: train a small DANet on synthetic data, then compare backends
 #   make test        the test suite, then cmake-test
+#   make test-cuda-emulated   the CUDA kernels run on the CPU by the CUDA emulation
+#                    (tests/cuda_emulation), sanitizer builds, static checks of the device code
 #   make bench       CPU benchmarks -> bench-out/
 #   make cmake-test  the C++ library (CPU kernels) and its ctest, build/cmake-torch-<version>/
 #   make gpu-suite   on a machine with a GPU and torch preinstalled (no internet)
@@ -23,7 +25,7 @@ endif
 
 BIN := $(VENV)/bin
 
-.PHONY: env build test demo bench cmake-test gpu-suite clean
+.PHONY: env build test test-cuda-emulated demo bench cmake-test gpu-suite clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,9 @@ build: env
 test: build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) cmake-test
+
+test-cuda-emulated: build
+	DANET_EXT_CUDA_EMULATION=1 $(BIN)/python -m pytest -q tests/cuda_emulation $(PYTEST_ARGS)
 
 demo: build
 	$(BIN)/danet-ext demo

@@ -50,3 +50,8 @@ def assert_within_twice_pytorch(ours, pytorch_same_precision, truth, atol=0.0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The CUDA emulation's tests (tests/cuda_emulation) compile the CUDA kernels for
+# the CPU and take minutes: `make test-cuda-emulated` runs them, `make test` not.
+collect_ignore = [] if os.environ.get("DANET_EXT_CUDA_EMULATION") == "1" else ["cuda_emulation"]

@@ -1,0 +1,190 @@
+// The CUDA kernels of csrc/cuda, compiled by the host compiler against the
+// CUDA emulation (cuda_emulation.h), exposed to Python on CPU tensors.
+// The tensor handling mirrors the ATen launchers in csrc/cuda/*.cu; the
+// kernels, their geometry and their launch sequences are the same source
+// (the *_kernels.cuh headers). Built by tests/cuda_emulation/build.py.
+#include <torch/extension.h>
+
+#include "channel_attention_kernels.cuh"
+#include "position_attention_kernels.cuh"
+#include "position_attention_tensor_cores_kernels.cuh"
+
+#include "broken_kernels.cuh"
+
+namespace {
+
+using at::Tensor;
+
+template <typename F>
+void dispatch(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "emulated kernels take float32, float16, bfloat16; got ", st);
+  }
+}
+
+void check_cpu(const Tensor& t) { TORCH_CHECK(t.device().is_cpu(), "emulated kernels take CPU tensors"); }
+
+std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, const Tensor& value,
+                                       bool tensor_cores) {
+  check_cpu(value);
+  const int64_t B = value.size(0), C = value.size(1), H = value.size(2), W = value.size(3);
+  const int64_t Cq = query.size(1), N = H * W;
+  Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  Tensor out = at::empty({B, C, H, W}, v.options());
+  Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return {out, stats};
+  if (tensor_cores) {
+    const auto st = v.scalar_type();
+    TORCH_CHECK(st == at::kHalf || st == at::kBFloat16, "the tensor-core forward takes float16/bfloat16");
+    if (st == at::kHalf) {
+      danet::cuda::position_attention_forward_tensor_cores_launch<__half, c10::Half>(
+          reinterpret_cast<const __half*>(q.data_ptr<c10::Half>()),
+          reinterpret_cast<const __half*>(k.data_ptr<c10::Half>()),
+          reinterpret_cast<const __half*>(v.data_ptr<c10::Half>()), out.data_ptr<c10::Half>(),
+          stats.data_ptr<float>(), B, Cq, C, N, nullptr);
+    } else {
+      danet::cuda::position_attention_forward_tensor_cores_launch<__nv_bfloat16, c10::BFloat16>(
+          reinterpret_cast<const __nv_bfloat16*>(q.data_ptr<c10::BFloat16>()),
+          reinterpret_cast<const __nv_bfloat16*>(k.data_ptr<c10::BFloat16>()),
+          reinterpret_cast<const __nv_bfloat16*>(v.data_ptr<c10::BFloat16>()), out.data_ptr<c10::BFloat16>(),
+          stats.data_ptr<float>(), B, Cq, C, N, nullptr);
+    }
+    return {out, stats};
+  }
+  dispatch(v.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    danet::cuda::position_attention_forward_launch<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                                                      out.data_ptr<T>(), stats.data_ptr<float>(), B, Cq, C, N,
+                                                      nullptr);
+  });
+  return {out, stats};
+}
+
+std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
+                                                const Tensor& value, const Tensor& out,
+                                                const Tensor& softmax_stats) {
+  check_cpu(value);
+  const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1);
+  const int64_t N = value.size(2) * value.size(3);
+  Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  Tensor go = grad_out.contiguous(), o = out.contiguous();
+  Tensor stats = softmax_stats.to(at::kFloat).contiguous();
+  Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  Tensor dk_acc = at::zeros(k.sizes(), k.options().dtype(at::kFloat));
+  Tensor dv = at::zeros(v.sizes(), v.options());
+  if (B == 0 || N == 0) return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
+  Tensor row_dot = at::empty({B, N}, stats.options());
+  dispatch(v.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    danet::cuda::position_attention_backward_launch<T>(
+        go.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), o.data_ptr<T>(),
+        stats.data_ptr<float>(), row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
+        dv.data_ptr<T>(), B, Cq, C, N, nullptr);
+  });
+  return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
+}
+
+std::tuple<Tensor, Tensor> cam_forward(const Tensor& x_in) {
+  check_cpu(x_in);
+  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
+  Tensor x = x_in.contiguous();
+  Tensor out = at::empty(x.sizes(), x.options());
+  Tensor attn = at::empty({B, C, C}, x.options().dtype(at::kFloat));
+  if (B == 0 || C == 0) return {out, attn};
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    danet::cuda::channel_attention_forward_launch<T>(x.data_ptr<T>(), out.data_ptr<T>(), attn.data_ptr<float>(),
+                                                     B, C, N, nullptr);
+  });
+  return {out, attn};
+}
+
+Tensor cam_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& attention) {
+  check_cpu(x_in);
+  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
+  Tensor x = x_in.contiguous();
+  Tensor go = grad_out.contiguous();
+  Tensor attn = attention.to(at::kFloat).contiguous();
+  Tensor dx = at::zeros(x.sizes(), x.options().dtype(at::kFloat));
+  if (B == 0 || C == 0 || N == 0) return dx.to(x.scalar_type());
+  Tensor grad_e = at::empty({B, C, C}, attn.options());
+  Tensor grad_sym = at::empty({B, C, C}, attn.options());
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    danet::cuda::channel_attention_backward_launch<T>(go.data_ptr<T>(), x.data_ptr<T>(), attn.data_ptr<float>(),
+                                                      grad_e.data_ptr<float>(), grad_sym.data_ptr<float>(),
+                                                      dx.data_ptr<float>(), B, C, N, nullptr);
+  });
+  return dx.to(x.scalar_type());
+}
+
+// Self-tests: runs a broken (or correct twin) kernel; returns its output.
+Tensor selftest(const std::string& name, const Tensor& in, const Tensor& in2) {
+  using namespace danet_selftest;
+  using danet::cuda::make_geometry;
+  const float* ip = in.data_ptr<float>();
+  auto one_block = [](const char* k, int threads) { return make_geometry(k, 1, 1, 1, threads); };
+  if (name == "barrier" || name == "missing_barrier") {
+    Tensor out = at::empty_like(in);
+    const auto g = make_geometry("reverse_kernel", in.numel() / 256, 1, 1, 256);
+    if (name == "barrier") DANET_LAUNCH(reverse_kernel<true>, g, nullptr, ip, out.data_ptr<float>());
+    else DANET_LAUNCH(reverse_kernel<false>, g, nullptr, ip, out.data_ptr<float>());
+    return out;
+  }
+  Tensor out = at::zeros({256}, in.options());
+  float* op = out.data_ptr<float>();
+  if (name == "divergent_barrier") {
+    DANET_LAUNCH(divergent_barrier_kernel, one_block("divergent_barrier_kernel", 256), nullptr, ip, op);
+  } else if (name == "two_barriers") {
+    DANET_LAUNCH(two_barriers_kernel, one_block("two_barriers_kernel", 256), nullptr, ip, op);
+  } else if (name == "oob_shared_write") {
+    DANET_LAUNCH(oob_shared_write_kernel, one_block("oob_shared_write_kernel", 256), nullptr, ip, op);
+  } else if (name == "uninitialised_shared_read") {
+    DANET_LAUNCH(uninitialised_shared_read_kernel, one_block("uninitialised_shared_read_kernel", 256), nullptr,
+                 ip, op);
+  } else if (name == "shuffle_full_mask") {
+    DANET_LAUNCH(warp_sum_kernel<0xffffffffu>, one_block("warp_sum_kernel", 32), nullptr, ip, op);
+  } else if (name == "shuffle_wrong_mask") {
+    DANET_LAUNCH(warp_sum_kernel<0x0000ffffu>, one_block("warp_sum_kernel", 32), nullptr, ip, op);
+  } else if (name == "wmma_store" || name == "wmma_assumed_order") {
+    Tensor a = in.to(at::kHalf).contiguous(), b = in2.to(at::kHalf).contiguous();
+    const __half* ap = reinterpret_cast<const __half*>(a.data_ptr<c10::Half>());
+    const __half* bp = reinterpret_cast<const __half*>(b.data_ptr<c10::Half>());
+    if (name == "wmma_store") DANET_LAUNCH((wmma_kernel<__half, false>), one_block("wmma_kernel", 32), nullptr, ap, bp, op);
+    else DANET_LAUNCH((wmma_kernel<__half, true>), one_block("wmma_kernel", 32), nullptr, ap, bp, op);
+  } else if (name == "wmma_misaligned") {
+    Tensor a = in.to(at::kHalf).contiguous();
+    DANET_LAUNCH(wmma_misaligned_kernel<__half>, one_block("wmma_misaligned_kernel", 32), nullptr,
+                 reinterpret_cast<const __half*>(a.data_ptr<c10::Half>()), op);
+  } else if (name == "deadlock") {
+    DANET_LAUNCH(shuffle_barrier_deadlock_kernel, one_block("shuffle_barrier_deadlock_kernel", 64), nullptr, ip, op);
+  } else if (name == "big_shared") {
+    DANET_LAUNCH(big_shared_kernel, one_block("big_shared_kernel", 256), nullptr, op);
+  } else if (name == "too_many_threads") {
+    // Past make_geometry's check, straight to the emulator's.
+    danet_emu::launch("reverse_kernel", dim3(1), dim3(2048), 0, reverse_kernel<true>, ip, op);
+  } else if (name == "grid_y_too_large") {
+    danet_emu::launch("reverse_kernel", dim3(1, 65536), dim3(256), 0, reverse_kernel<true>, ip, op);
+  } else {
+    TORCH_CHECK(false, "unknown self-test ", name);
+  }
+  return out;
+}
+
+void set_timeout(double seconds) { danet_emu::timeout_override().store(seconds); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "danet_ext's CUDA kernels run on the CPU by the CUDA emulation (tests only)";
+  m.def("pam_forward", &pam_forward, py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("tensor_cores") = false);
+  m.def("pam_backward", &pam_backward);
+  m.def("cam_forward", &cam_forward);
+  m.def("cam_backward", &cam_backward);
+  m.def("selftest", &selftest);
+  m.def("set_timeout", &set_timeout);
+}

@@ -1,0 +1,318 @@
+"""The CUDA kernels, run on the CPU by the CUDA emulation (cuda_emulation.h),
+against the pure-PyTorch reference with the CUDA tests' tolerances; the
+emulation's self-tests (broken kernels must be reported); mutated kernels
+(barriers removed, WMMA layout swapped, zero-fill removed) must fail; the
+AddressSanitizer and ThreadSanitizer builds on a smaller grid.
+
+Run with `make test-cuda-emulated` (collected only when DANET_EXT_CUDA_EMULATION=1).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from danet_ext import reference
+from conftest import assert_within_twice_pytorch, max_err
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import build  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="session")
+def emu():
+    return build.load()
+
+
+def make_inputs(B, Cq, C, H, W, dtype, scale=1.0):
+    q = (torch.randn(B, Cq, H, W, dtype=torch.float64) * scale).to(dtype)
+    k = (torch.randn(B, Cq, H, W, dtype=torch.float64) * scale).to(dtype)
+    v = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def reference_grads(fn, inputs, grad_out):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in inputs]
+
+
+def assert_stats_of_scores(stats, q, k, max_tol, inv_sum_tol):
+    scores = torch.einsum("bci,bcj->bij", q.flatten(2).double(), k.flatten(2).double())
+    row_max = scores.amax(-1)
+    torch.testing.assert_close(stats[:, 0].double(), row_max, rtol=max_tol[0], atol=max_tol[1])
+    torch.testing.assert_close(stats[:, 1].double(), 1 / torch.exp(scores - row_max[..., None]).sum(-1),
+                               rtol=inv_sum_tol[0], atol=inv_sum_tol[1])
+
+
+def check_pam(emu, B, Cq, C, H, W, dtype, scale=1.0):
+    """Forward, saved statistics and all gradients of the CUDA-core kernels, with the
+    CUDA tests' tolerances: error against float64 at most twice PyTorch's own in `dtype`."""
+    q, k, v = make_inputs(B, Cq, C, H, W, dtype, scale)
+    grad_out = torch.randn(B, C, H, W).to(dtype)
+    truth, truth_grads = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)],
+                                         grad_out.double())
+    same, same_grads = reference_grads(reference.position_attention, [q, k, v], grad_out)
+    out, stats = emu.pam_forward(q, k, v)
+    grads = emu.pam_backward(grad_out, q, k, v, out, stats)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    atol = 1e-6 if dtype == torch.float32 else 0.0
+    assert_within_twice_pytorch(out, same, truth, atol=atol)
+    for name, g, sg, tg in zip("qkv", grads, same_grads, truth_grads):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert_within_twice_pytorch(g, sg, tg, atol=atol * max(1.0, tg.abs().max().item()))
+    assert_stats_of_scores(stats, q, k, max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+# (B, Cq, C, (H, W)): N = 1, B > 1, odd N (partial query and key tiles), Cq off the
+# 16-channel staging step, C off the 128/64-channel blocks.
+PAM_SHAPES = [(1, 1, 1, (1, 1)), (3, 8, 5, (7, 9)), (2, 33, 130, (9, 11)), (1, 64, 64, (8, 9))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Cq,C,HW", PAM_SHAPES)
+def test_position_attention(emu, dtype, B, Cq, C, HW):
+    check_pam(emu, B, Cq, C, *HW, dtype)
+
+
+@pytest.mark.parametrize("B,Cq,C,HW", [(1, 256, 16, (5, 7)), (1, 16, 2048, (3, 5)), (2, 3, 200, (11, 13))])
+def test_position_attention_large_channel_counts(emu, B, Cq, C, HW):
+    check_pam(emu, B, Cq, C, *HW, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_position_attention_large_logits(emu, dtype):
+    q, k, v = make_inputs(2, 16, 32, 9, 13, torch.float64, scale=12.0)
+    assert torch.einsum("bci,bcj->bij", q.flatten(2), k.flatten(2)).abs().max() > 1000
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    out, stats = emu.pam_forward(q, k, v)
+    truth = reference.position_attention(*(t.double() for t in (q, k, v)))
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    assert torch.isfinite(out).all() and max_err(out, truth) < tol
+    grads = emu.pam_backward(torch.randn_like(v), q, k, v, out, stats)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# The tensor-core forward (test_position_attention.py's cases, N reduced where the
+# emulation would take long): odd N, Cq off the 32-channel step, C off the
+# 128-channel block, N = 1, N past one 64-key tile, logits in the thousands.
+TENSOR_CORE_CASES = [(2, 8, 64, (7, 9), 0.5), (1, 64, 128, (9, 15), 0.5), (1, 1, 5, (7, 9), 0.5),
+                     (3, 33, 130, (9, 11), 0.5), (1, 100, 300, (5, 13), 0.3), (2, 8, 16, (1, 1), 1.0),
+                     (1, 16, 32, (9, 13), 12.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,Cq,C,HW,scale", TENSOR_CORE_CASES)
+def test_tensor_core_forward(emu, dtype, B, Cq, C, HW, scale):
+    q, k, v = make_inputs(B, Cq, C, *HW, dtype, scale)
+    truth = reference.position_attention(*(t.double() for t in (q, k, v)))
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if scale > 1.0:
+        tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+        assert max_err(out, truth) < tol
+        return
+    ulps = 4 * torch.finfo(dtype).eps
+    same = reference.position_attention(q, k, v)
+    assert_within_twice_pytorch(out, same, truth, atol=ulps * truth.abs().max().item())
+    assert_stats_of_scores(stats, q, k, max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+    # the backward (CUDA cores) from the tensor-core forward's saved statistics
+    grad_out = torch.randn_like(v)
+    grads = emu.pam_backward(grad_out, q, k, v, out, stats)
+    _, truth_grads = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)],
+                                     grad_out.double())
+    _, same_grads = reference_grads(reference.position_attention, [q, k, v], grad_out)
+    for g, sg, tg in zip(grads, same_grads, truth_grads):
+        assert_within_twice_pytorch(g, sg, tg, atol=ulps * max(1.0, tg.abs().max().item()))
+
+
+def check_cam(emu, B, C, H, W, dtype, scale=1.0):
+    x = (torch.randn(B, C, H, W, dtype=torch.float64) * scale).to(dtype)
+    grad_out = torch.randn(B, C, H, W).to(dtype)
+    truth, (truth_grad,) = reference_grads(reference.channel_attention, [x.double()], grad_out.double())
+    same, (same_grad,) = reference_grads(reference.channel_attention, [x], grad_out)
+    out, attn = emu.cam_forward(x)
+    grad = emu.cam_backward(grad_out, x, attn)
+    assert out.dtype == dtype and grad.dtype == dtype
+    atol = 1e-6 if dtype == torch.float32 else 0.0
+    assert_within_twice_pytorch(out, same, truth, atol=atol)
+    assert_within_twice_pytorch(grad, same_grad, truth_grad, atol=atol * truth_grad.abs().max().item())
+    E = torch.einsum("bcn,bdn->bcd", x.flatten(2).double(), x.flatten(2).double())
+    torch.testing.assert_close(attn.double(), torch.softmax(-E, -1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C,HW", [(1, 1, (1, 1)), (3, 5, (7, 9)), (2, 70, (5, 7)), (1, 33, (17, 19))])
+def test_channel_attention(emu, dtype, B, C, HW):
+    check_cam(emu, B, C, *HW, dtype)
+
+
+def test_channel_attention_more_channels_and_large_values(emu):
+    check_cam(emu, 1, 300, 2, 3, torch.float32)
+    x = torch.relu(torch.randn(1, 40, 9, 11) * 30)  # E in the hundred-thousands
+    out, _ = emu.cam_forward(x)
+    truth = reference.channel_attention(x.double())
+    assert torch.isfinite(out).all()
+    assert max_err(out, truth) <= 1e-4 * truth.abs().max().item()
+
+
+def test_launch_geometry_limits(emu):
+    q = torch.randn(65536, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="grid.z"):
+        emu.pam_forward(q, q, q)
+
+
+def test_float16_bfloat16_round_to_nearest_even():
+    """The emulation's __half/__nv_bfloat16 are c10::Half/BFloat16, whose float
+    conversions (the ones torch's .to() uses) round to nearest even like
+    __float2half_rn / __float2bfloat16_rn on the device."""
+    import numpy as np
+
+    bits = np.random.default_rng(0).integers(0, 2**32, 200000, dtype=np.uint64).astype(np.uint32)
+    # ties: for half, the dropped 13 bits are exactly half an ulp; for bfloat16, 16 bits
+    ties = np.concatenate([(bits & ~np.uint32(0x1FFF)) | np.uint32(0x1000), (bits & ~np.uint32(0xFFFF)) | np.uint32(0x8000)])
+    f = np.concatenate([bits, ties]).view(np.float32)
+    f = f[np.isfinite(f)]
+    half = torch.from_numpy(f).half().numpy()
+    with np.errstate(over="ignore"):  # overflow to inf, in both
+        np.testing.assert_array_equal(half.view(np.uint16), f.astype(np.float16).view(np.uint16))
+    u = f.view(np.uint32).astype(np.uint64)
+    rne = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    ours = torch.from_numpy(f).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours, rne)
+
+
+# ---- self-tests: broken kernels must be reported ----------------------------
+
+def test_selftest_correct_twins_pass(emu):
+    x = torch.randn(64 * 256)
+    torch.testing.assert_close(emu.selftest("barrier", x, x), x.view(64, 256).flip(1).flatten())
+    x = torch.randn(32)
+    torch.testing.assert_close(emu.selftest("shuffle_full_mask", x, x)[:32], x.sum().expand(32),
+                               rtol=1e-5, atol=1e-5)
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    truth = a.half().float() @ b.half().float()
+    torch.testing.assert_close(emu.selftest("wmma_store", a, b).view(16, 16), truth, rtol=1e-5, atol=1e-5)
+
+
+def test_selftest_missing_barrier_reads_poison(emu):
+    x = torch.randn(64 * 256)
+    out = emu.selftest("missing_barrier", x, x)
+    assert torch.isnan(out).any() or not torch.equal(out, x.view(64, 256).flip(1).flatten())
+
+
+@pytest.mark.parametrize("name,message", [
+    ("divergent_barrier", r"left the kernel while \d+ thread\(s\) wait at __syncthreads|after thread \d+ left"),
+    ("two_barriers", r"divergent __syncthreads"),
+    ("shuffle_wrong_mask", r"__shfl_xor_sync with mask 0x0000ffff that leaves out the calling lane"),
+    ("wmma_misaligned", r"not 256-bit \(32-byte\) aligned"),
+    ("big_shared", r"exceed the limit of 49152 bytes"),
+    ("too_many_threads", r"block of 2048 threads"),
+    ("grid_y_too_large", r"grid \(1, 65536, 1\) out of range"),
+])
+def test_selftest_reported_as_error(emu, name, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        emu.selftest(name, torch.randn(256), torch.randn(256))
+    if "barrier" in name:
+        assert "kernel " in str(info.value)  # names the kernel
+
+
+def test_selftest_deadlock_times_out_instead_of_hanging(emu):
+    emu.set_timeout(1.0)
+    try:
+        with pytest.raises(RuntimeError, match=r"shuffle_barrier_deadlock_kernel.*timeout"):
+            emu.selftest("deadlock", torch.randn(256), torch.randn(256))
+    finally:
+        emu.set_timeout(0.0)  # back to the default
+
+
+def test_selftest_uninitialised_shared_read_is_nan(emu):
+    out = emu.selftest("uninitialised_shared_read", torch.randn(256), torch.randn(256))
+    assert torch.isnan(out[:128]).all() and torch.isfinite(out[128:]).all()
+
+
+def test_selftest_assumed_fragment_order_gives_wrong_results(emu):
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    truth = a.half().float() @ b.half().float()
+    out = emu.selftest("wmma_assumed_order", a, b).view(16, 16)
+    assert max_err(out, truth) > 0.1
+
+
+# ---- mutated kernels must fail ----------------------------------------------
+
+MUTATIONS = {
+    # every barrier of the CUDA-core position attention kernels removed
+    "position_attention_kernels.cuh": [("__syncthreads();", "/* barrier removed */;")],
+    # Q^T loaded as a row-major instead of a column-major A (swapped WMMA layout)
+    "position_attention_tensor_cores_kernels.cuh": [
+        ("wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::col_major> a;",
+         "wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::row_major> a;")],
+    # the CAM GEMM no longer zero-fills its staging tiles past K
+    "channel_attention_kernels.cuh": [("      as[kk][mm] = val;", "      if (gk < K && gm < M) as[kk][mm] = val;")],
+}
+
+
+@pytest.fixture(scope="session")
+def mutant():
+    return build.load(mutations=MUTATIONS)
+
+
+def fails_against_reference(fn):
+    try:
+        out, truth = fn()
+    except RuntimeError as e:
+        return str(e)
+    if not torch.isfinite(out).all():
+        return "non-finite output"
+    err = max_err(out, truth)
+    return f"error {err:.3g}" if err > 1e-3 * max(1.0, truth.abs().max().item()) else None
+
+
+def test_mutant_without_barriers_fails(mutant):
+    q, k, v = make_inputs(2, 33, 130, 9, 11, torch.float32)
+    found = fails_against_reference(lambda: (mutant.pam_forward(q, k, v)[0],
+                                             reference.position_attention(q.double(), k.double(), v.double())))
+    assert found, "removing the barriers went unnoticed"
+
+
+def test_mutant_with_swapped_wmma_layout_fails(mutant):
+    q, k, v = make_inputs(1, 33, 130, 9, 11, torch.float16, 0.5)
+    found = fails_against_reference(lambda: (mutant.pam_forward(q, k, v, tensor_cores=True)[0],
+                                             reference.position_attention(q.double(), k.double(), v.double())))
+    assert found, "swapping a WMMA layout went unnoticed"
+
+
+def test_mutant_without_zero_fill_fails(mutant):
+    x = torch.randn(1, 20, 3, 5)  # N = 15: the K tile is partly past the end
+    found = fails_against_reference(lambda: (mutant.cam_forward(x)[0], reference.channel_attention(x.double())))
+    assert found, "removing the zero-fill went unnoticed"
+
+
+# ---- AddressSanitizer and ThreadSanitizer builds ----------------------------
+
+def run_sanitized(variant, *args):
+    build.build_only(variant)  # compile here; import it under the sanitizer runtime in a subprocess
+    return subprocess.run([sys.executable, os.path.join(HERE, "sanitized_run.py"), variant, *args],
+                          env=build.sanitizer_env(variant), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("variant", ["asan", "tsan"])
+def test_sanitized_grid(variant):
+    r = run_sanitized(variant, "grid")
+    assert r.returncode == 0 and "grid passed" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def test_asan_catches_out_of_bounds_shared_write():
+    r = run_sanitized("asan", "selftest", "oob_shared_write")
+    assert r.returncode != 0 and "AddressSanitizer" in r.stderr and "heap-buffer-overflow" in r.stderr, \
+        r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_tsan_catches_missing_barrier():
+    r = run_sanitized("tsan", "selftest", "missing_barrier")
+    assert r.returncode != 0 and "ThreadSanitizer: data race" in r.stderr, r.stdout[-2000:] + r.stderr[-4000:]

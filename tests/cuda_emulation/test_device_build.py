@@ -1,0 +1,90 @@
+"""Static checks of the real device build (danet_ext._C compiled by nvcc), no GPU
+needed: no kernel spills registers (cuobjdump -res-usage: no local memory, no
+stack), and the tensor-core kernels' SASS contains tensor-core MMA (HMMA), for
+every architecture compiled. Part of `make test-cuda-emulated`."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import danet_ext
+from danet_ext import _build
+
+CUDA_EXPECTED = os.environ.get("DANET_EXT_EXPECT_CUDA") == "1"
+
+
+def cuobjdump():
+    candidates = [os.environ.get("CUOBJDUMP"), shutil.which("cuobjdump")]
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates.append(os.path.join(home, "bin", "cuobjdump"))
+    try:  # triton's wheel ships one
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    return None
+
+
+@pytest.fixture(scope="module")
+def library():
+    if not (danet_ext.HAVE_EXTENSION and _build.has_kernel("cuda")):
+        if CUDA_EXPECTED:
+            pytest.fail("DANET_EXT_EXPECT_CUDA=1 but danet_ext._C has no CUDA kernels")
+        pytest.skip("danet_ext._C was built without CUDA kernels")
+    tool = cuobjdump()
+    if tool is None:
+        pytest.fail("the CUDA kernels are built but no cuobjdump was found (set CUOBJDUMP)")
+    so = danet_ext._C.__file__
+    return tool, so
+
+
+def per_function(text, header):
+    """{(arch, function): body} from cuobjdump output."""
+    out, arch, key = {}, None, None
+    for line in text.splitlines():
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch, key = m.group(1), None
+        m = re.search(header, line)
+        if m:
+            key = (arch, m.group(1))
+            out[key] = ""
+            continue
+        if key is not None:
+            out[key] += line + "\n"
+    return out
+
+
+def test_no_register_spills(library):
+    tool, so = library
+    text = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    usage = per_function(text, r"Function (\S+):")
+    kernels = {k: v for k, v in usage.items() if "danet" in k[1]}
+    assert len(kernels) >= 20, f"expected the danet kernels in {so}, found {len(kernels)}"
+    assert all(a is not None for a, _ in kernels)
+    spilling = []
+    for (arch, fn), body in kernels.items():
+        local = int(re.search(r"LOCAL:(\d+)", body).group(1))
+        stack = int(re.search(r"STACK:(\d+)", body).group(1))
+        if local or stack:
+            spilling.append(f"{arch} {fn}: LOCAL {local} STACK {stack}")
+    assert not spilling, "kernels spill registers:\n" + "\n".join(spilling)
+
+
+def test_tensor_core_kernels_use_hmma(library):
+    tool, so = library
+    text = subprocess.run([tool, "-sass", so], capture_output=True, text=True, check=True).stdout
+    sass = per_function(text, r"Function : (\S+)")
+    tc = {k: v for k, v in sass.items() if "tensor_cores" in k[1] and ("stats_kernel" in k[1] or "output_kernel" in k[1])}
+    assert len(tc) >= 4, f"tensor-core kernels not found in {so}"
+    without = [f"{a} {f}" for (a, f), body in tc.items() if "HMMA" not in body]
+    assert not without, "tensor-core kernels without HMMA:\n" + "\n".join(without)
+    # and the CUDA-core kernels stay on FFMA
+    assert any("FFMA" in body for (a, f), body in sass.items() if "forward_kernel" in f)
