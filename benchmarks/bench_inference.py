@@ -6,21 +6,22 @@ Paths (each in a fresh process, so times and peak memory do not mix):
   optimized-float32        danet_ext.optimize_for_inference(precision="float32"): BN folded, channels_last
   optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware)
   optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
+  optimized-bfloat16-compiled  the same through torch.compile (inductor, freezing); compile time reported
   onnxruntime-sdpa         ONNX Runtime (CPU), model exported by danet_ext (opset 23, fused Attention)
   onnxruntime-reference    ONNX Runtime, the official attention exported as MatMul/Softmax/MatMul
   openvino-sdpa            OpenVINO (CPU, default hints), converted from danet_ext's export form
   openvino-reference       OpenVINO, the official attention
 
-Time: the median of --repeats forwards after one warm-up. Memory: the peak resident set
-above the one after loading the model and input (ru_maxrss), so it includes the
-runtimes' own workspace. The CPU model and its ISA flags are recorded beside the results.
+Time: the median of --repeats forwards after one warm-up (the warm-up's own time, which
+includes compilation for the compiled path, is reported too). Memory: the peak resident
+set during the forwards above the one before them (sampled every 2 ms), so it includes
+the runtimes' own workspace. The CPU model and its ISA flags are recorded beside the results.
 
     python benchmarks/bench_inference.py [--sizes 512x1024 1024x2048] [--paths ...] [--repeats 3]
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ["eager-float32", "optimized-float32", "optimized-bfloat16", "optimized-bfloat16-refattn",
+         "optimized-bfloat16-compiled",
          "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
 
 
@@ -66,6 +68,11 @@ def runner(path: str, size, onnx_file: str):
         model = build_model("reference" if path.endswith("refattn") else "auto")
         if path.startswith("optimized"):
             model = optimize_for_inference(model, precision=path.split("-")[1])
+        if path.endswith("compiled"):
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            model = torch.compile(model)
 
         def run():
             with torch.inference_mode():
@@ -92,25 +99,60 @@ def runner(path: str, size, onnx_file: str):
 def child(path: str, size_text: str, repeats: int, onnx_file: str) -> None:
     size = tuple(map(int, size_text.split("x")))
     run = runner(path, size, onnx_file)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import gc
+
+    gc.collect()
+    sampler = RssSampler()
     times = []
+    first = None
     for i in range(repeats + 1):
         start = time.perf_counter()
         out = run()
-        if i:  # the first call is a warm-up (oneDNN/runtime kernel creation)
+        if i:  # the first call is a warm-up (kernel creation, or compilation)
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        else:
+            first = time.perf_counter() - start
+    peak = sampler.stop()
     out = torch.as_tensor(out)
     print(json.dumps({"path": path, "size": size_text, "seconds": round(statistics.median(times), 3),
+                      "first_call_seconds": round(first, 2),
                       "peak_extra_gib": round(peak / 2 ** 30, 2), "finite": bool(torch.isfinite(out).all()),
                       "out_shape": list(out.shape)}))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Peak resident memory above the level at start, sampled every 2 ms in a thread
+    (ru_maxrss cannot be reset, and building a model can set it higher than a forward)."""
+
+    def __init__(self):
+        import threading
+
+        self.base = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, _rss()) - self.base
 
 
 def available(path: str) -> str:
     """'' if the path can run here, else why not."""
     from danet_ext import hardware
 
-    if path == "optimized-bfloat16" or path == "optimized-bfloat16-refattn":
+    if path.startswith("optimized-bfloat16"):
         return "" if hardware.has_fast_bfloat16() else "no bfloat16 hardware on this CPU"
     for prefix, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
         if path.startswith(prefix):
@@ -156,14 +198,23 @@ def main(argv=None):
                 onnx_file = os.path.join(tmp, f"danet_{form}_{size}.onnx")
                 if form not in exported:
                     start = time.perf_counter()
-                    subprocess.run([sys.executable, __file__, "--export",
-                                    "reference" if form == "reference" else "auto", size, onnx_file], check=True)
-                    exported[form] = round(time.perf_counter() - start, 1)
-                    print(f"exported {form} form at {size} in {exported[form]} s", flush=True)
+                    res = subprocess.run([sys.executable, __file__, "--export",
+                                          "reference" if form == "reference" else "auto", size, onnx_file],
+                                         capture_output=True, text=True)
+                    exported[form] = "" if res.returncode == 0 else (
+                        "the export was killed (out of memory)" if res.returncode == -9
+                        else f"the export failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+                    print(f"exported {form} form at {size} in {time.perf_counter() - start:.1f} s "
+                          f"{exported[form]}", flush=True)
+                if exported[form]:
+                    rows.append({"path": path, "size": size, "failed": exported[form]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
             res = subprocess.run([sys.executable, __file__, "--child", path, size, str(args.repeats), onnx_file],
                                  capture_output=True, text=True)
             if res.returncode != 0:
-                row = {"path": path, "size": size, "failed": res.stderr.strip().splitlines()[-1][:300]}
+                row = {"path": path, "size": size, "failed": "killed (out of memory)" if res.returncode == -9
+                       else (res.stderr.strip().splitlines() or ["?"])[-1][:300]}
             else:
                 row = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(row)
