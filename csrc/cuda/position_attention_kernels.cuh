@@ -121,16 +121,22 @@ __global__ void __launch_bounds__(kThreads)
       }
       tile_max = max16(tile_max);
       const float m_new = online_max(row_m[r], tile_max);
-      rescale[r] = online_rescale(row_m[r], m_new);
+      const float alpha = online_rescale(row_m[r], m_new);
       const float offset = exp_offset(m_new);
       float tile_sum = 0.f;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
-        const float p = exp_acc(s[r][c] - offset);
-        ps[ty + 16 * r][tx + 16 * c] = p;
-        tile_sum += p;
+        s[r][c] = exp_acc(s[r][c] - offset);
+        tile_sum += s[r][c];
       }
-      row_l[r] = online_sum(row_l[r], rescale[r], sum16(tile_sum));
+      const float l_new = online_sum(row_l[r], alpha, sum16(tile_sum));
+      // The accumulator holds the normalised output so far (weights summing to
+      // 1), so it stays within max |v| and cannot overflow where the result fits.
+      rescale[r] = normalised_rescale(alpha, row_l[r], l_new);
+      const float inv = 1.f / l_new;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) ps[ty + 16 * r][tx + 16 * c] = s[r][c] * inv;
+      row_l[r] = l_new;
       row_m[r] = m_new;
     }
     stage_slab<kTileC, kTileK, kTileK + 1>(vb, C, N, c0, j0, vs);
@@ -176,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
       const int ch = 2 * part + half;  // channel tx + 16 ch lies in this part
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
-        stage[(tx + 16 * half) * kStageRow + ty + 16 * r] = acc[r][ch] * inv_l[r];
+        stage[(tx + 16 * half) * kStageRow + ty + 16 * r] = acc[r][ch];  // already normalised
     }
     __syncthreads();
     for (int e = tid; e < 32 * kTileQ; e += kThreads) {

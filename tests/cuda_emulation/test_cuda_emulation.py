@@ -98,6 +98,19 @@ def test_position_attention_large_logits(emu, dtype):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("hw", [(5, 6), (9, 11)])  # one key tile; several (32-key tiles)
+def test_position_attention_stays_finite_where_the_reference_is(emu, hw):
+    # values near the float32 maximum: an accumulator of unnormalised weights overflows
+    q, k, v = make_inputs(1, 4, 3, *hw, torch.float32)
+    big = torch.finfo(torch.float32).max / 8
+    v = (v.abs() + 1) * (big / 4)
+    expected = reference.position_attention(q, k, v)
+    assert torch.isfinite(expected).all()
+    out, _ = emu.pam_forward(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out / big, expected / big, rtol=1e-5, atol=1e-5)
+
+
 # The tensor-core forward (test_position_attention.py's cases, N reduced where the
 # emulation would take long): odd N, Cq off the 32-channel step, C off the
 # 128-channel block, N = 1, N past one 64-key tile, logits in the thousands.
