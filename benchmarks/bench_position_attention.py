@@ -22,11 +22,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--quick", action="store_true", help="sizes up to 64x64 only")
+    p.add_argument("--sizes", nargs="+", default=None, help="HxW sizes, e.g. 64x64 96x96 (default: all)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     sizes = SIZES[:2] if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in t.split("x")) for t in args.sizes]
     meta = bm.machine_info(args.device)
     meta["matmul_fp32_gflops"] = round(bm.matmul_gflops(args.device), 1)
     meta["dtype"] = args.dtype

@@ -250,11 +250,12 @@ def test_peak_memory_sees_a_known_allocation():
 def test_benchmark_outputs(tmp_path):
     results = bm.bench_position_attention([(8, 8)], Cq=4, C=8, repeats=1)
     results += bm.bench_channel_attention([(8, 8)], channels=(8,), repeats=1)
-    assert {r.impl for r in results} == {"danet_ext", "reference", "sdpa"}
+    assert {r.impl for r in results} == {"danet_ext", "reference", "reference_compiled", "sdpa", "sdpa_8head"}
     assert all(r.seconds and r.seconds > 0 for r in results)
     files = bm.write_results(results, str(tmp_path), bm.machine_info())
     data = json.loads(open(files[1]).read())
     assert data["machine"]["cores"] == os.cpu_count() and len(data["results"]) == len(results)
+    assert set(data["machine"]["isa"]) <= set(danet_ext.hardware.ISA_FLAGS)  # the ISA flags are recorded
     assert "speed-up" in bm.format_table(results)
     png = bm.plot_results(results, str(tmp_path), "position_attention", "test", "pam")
     assert png and os.path.getsize(png) > 0

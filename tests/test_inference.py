@@ -107,3 +107,14 @@ def test_reduced_precision_keeps_the_predictions(trained_tiny_model, precision):
     disagreement = (pred != ref).double().mean().item()
     assert disagreement <= 0.005, f"{disagreement:.4%} of pixels changed class"
     assert abs(miou - miou_ref) <= 0.005, (miou, miou_ref)
+
+
+def test_compiled_path_matches_the_eager_one():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(danet_ext.DANetHead(64, 3)).eval()
+    x = torch.randn(1, 64, 12, 10)
+    eager = optimize_for_inference(model, precision="float32")
+    compiled = optimize_for_inference(model, precision="float32", compile=True)
+    assert compiled.compiled and not eager.compiled
+    for e, c in zip(eager(x), compiled(x)):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)

@@ -62,21 +62,38 @@ def _pam_impls(device: str):
         "danet_ext": lambda q, k, v: position_attention(q, k, v, backend="extension"),
         "danet_ext_tc": tensor_cores,
         "reference": reference.position_attention,
+        "reference_compiled": torch.compile(reference.position_attention, dynamic=False),
         "sdpa": sdpa,
+        "sdpa_8head": sdpa,  # same call on the 8-head layout (_to_sdpa_8head_layout)
     }
 
 
 def default_pam_impls(device: str, dtype: torch.dtype) -> tuple:
     """The implementations worth comparing: the tensor-core forward where it can run."""
-    impls = ("danet_ext", "reference", "sdpa")
+    impls = ("danet_ext", "reference", "reference_compiled", "sdpa")
+    if device == "cpu":
+        impls += ("sdpa_8head",)  # the layout that lets PyTorch's CPU flash attention take PAM
     if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        impls = ("danet_ext", "danet_ext_tc", "reference", "sdpa")
+        impls = ("danet_ext", "danet_ext_tc", "reference", "reference_compiled", "sdpa")
     return impls
 
 
 def _to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
     B, C, H, W = t.shape
     return t.reshape(B, C, H * W).transpose(1, 2).unsqueeze(1).contiguous().requires_grad_(t.requires_grad)
+
+
+def _to_sdpa_8head_layout(t: torch.Tensor, is_value: bool, heads: int = 8) -> torch.Tensor:
+    """What a user does to run PAM on PyTorch's CPU flash attention, which needs equal
+    head widths: query and key repeated over `heads` heads, the value split into
+    `heads` heads of C / heads channels. (B, heads, N, d)."""
+    B, C, H, W = t.shape
+    x = t.reshape(B, C, H * W).transpose(1, 2)  # B x N x C
+    if is_value:
+        x = x.reshape(B, H * W, heads, C // heads).transpose(1, 2)
+    else:
+        x = x.unsqueeze(1).expand(B, heads, H * W, C)
+    return x.contiguous().requires_grad_(t.requires_grad)
 
 
 def reference_pam_bytes(B: int, N: int, backward: bool, itemsize: int = 4) -> float:
@@ -100,7 +117,8 @@ def bench_position_attention(sizes, B=1, Cq=64, C=512, device="cpu", dtype=torch
                 if progress is not None:
                     progress.set_postfix_str(f"PAM {impl} {mode} {H}x{W}")
                 shape = f"{B}x{C}x{H}x{W}"
-                if not impl.startswith("danet_ext") and reference_pam_bytes(B, N, backward) > limit:
+                if impl.startswith(("reference", "sdpa")) and impl != "sdpa_8head" and \
+                        reference_pam_bytes(B, N, backward) > limit:
                     results.append(Result("position_attention", impl, mode, shape, N, None, None,
                                           note=f"skipped: needs ~{reference_pam_bytes(B, N, backward) / 2**30:.0f} GiB"))
                     if progress is not None:
@@ -112,6 +130,9 @@ def bench_position_attention(sizes, B=1, Cq=64, C=512, device="cpu", dtype=torch
                 args = (q, k, v)
                 if impl == "sdpa":
                     args = tuple(_to_sdpa_layout(t.detach()).requires_grad_(backward) for t in args)
+                elif impl == "sdpa_8head":
+                    args = tuple(_to_sdpa_8head_layout(t.detach(), i == 2).requires_grad_(backward)
+                                 for i, t in enumerate(args))
                 fn = fns[impl]
 
                 def run():
@@ -141,7 +162,8 @@ def bench_position_attention(sizes, B=1, Cq=64, C=512, device="cpu", dtype=torch
 def bench_channel_attention(sizes, channels=(256, 512), B=1, device="cpu", dtype=torch.float32, repeats=3,
                             impls=("danet_ext", "reference"), modes=("forward", "forward+backward"),
                             progress=None) -> List[Result]:
-    fns = {"danet_ext": lambda x: channel_attention(x, backend="extension"), "reference": reference.channel_attention}
+    fns = {"danet_ext": lambda x: channel_attention(x, backend="extension"), "reference": reference.channel_attention,
+           "reference_compiled": torch.compile(reference.channel_attention, dynamic=False)}
     results = []
     for C in channels:
         for H, W in sizes:

@@ -7,6 +7,7 @@ from typing import Dict
 
 import torch
 
+from ... import hardware
 from ..._build import build_info
 from .measure import time_call
 
@@ -28,6 +29,7 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "danet_ext_backends": build_info().get("backends", []),
+        "isa": hardware.describe_cpu()["isa"],
     }
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
