@@ -54,18 +54,41 @@ def full_table(path):
     return "\n".join(lines)
 
 
+def inference_table(path):
+    """bench_inference.py's results: one row per path and size."""
+    data = json.load(open(path))
+    lines = ["| image | path | time per forward (s) | first call (s) | peak extra memory (GiB) |",
+             "|---|---|---|---|---|"]
+    for r in data["results"]:
+        if "seconds" in r:
+            lines.append(f"| {r['size']} | {r['path']} | {r['seconds']:.2f} | {r['first_call_seconds']:.2f} | "
+                         f"{r['peak_extra_gib']:.2f} |")
+        else:
+            lines.append(f"| {r['size']} | {r['path']} | {r.get('skipped') or r.get('failed')} | - | - |")
+    return "\n".join(lines), data["machine"]
+
+
+def describe(machine):
+    isa = ", ".join(machine.get("isa", [])) or "ISA flags not recorded"
+    return f"{machine.get('gpu', machine['cpu'])} ({isa}), {machine['cores']} cores, torch {machine['torch']}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--results", default=HERE)
     args = p.parse_args()
-    for op, impls in (("pam", ["danet_ext", "reference", "sdpa"]), ("cam", ["danet_ext", "reference"])):
+    for op, impls in (("pam", ["danet_ext", "reference", "reference_compiled", "sdpa", "sdpa_8head"]),
+                      ("cam", ["danet_ext", "reference", "reference_compiled"])):
         path = os.path.join(args.results, f"{op}_{args.device}_{args.dtype}.json")
         if os.path.exists(path):
             table, machine = op_table(path, impls)
-            print(f"### {op} ({args.device}, {args.dtype}) on {machine.get('gpu', machine['cpu'])}, "
-                  f"{machine['cores']} cores, torch {machine['torch']}\n\n{table}\n")
+            print(f"### {op} ({args.device}, {args.dtype}) on {describe(machine)}\n\n{table}\n")
+    inference = os.path.join(args.results, f"inference_{args.device}.json")
+    if os.path.exists(inference):
+        table, machine = inference_table(inference)
+        print(f"### full DANet-ResNet-101 inference ({args.device}) on {describe(machine)}\n\n{table}\n")
     full = os.path.join(args.results, f"full_resolution_{args.device}.json")
     if os.path.exists(full):
         print(f"### full resolution ({args.device})\n\n{full_table(full)}\n")

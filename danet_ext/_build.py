@@ -73,6 +73,17 @@ def build_info() -> dict:
                 "load_error": _load_error}
     info["runtime_torch_version"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
+    from . import hardware
+    from .ops import AUTO_REFERENCE_MAX_POSITIONS
+
+    fast_bf16 = hardware.has_fast_bfloat16()
+    info["cpu"] = hardware.describe_cpu()
+    info["cpu_bfloat16"] = {
+        "products": "bfloat16 (oneDNN)" if fast_bf16 else "float32",
+        "auto_takes_reference_for": (["channel_attention",
+                                      f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
+                                     if fast_bf16 else []),
+    }
     return info
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import reference
+from . import hardware, reference
 from ._build import HAVE_EXTENSION, has_kernel
 
 BACKENDS = ("auto", "extension", "reference")
@@ -160,6 +160,23 @@ def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
     return None
 
 
+# On a CPU with bfloat16 hardware, PyTorch's own bfloat16 matmuls (the official code's
+# bmm) match or beat the kernels where the attention matrix is small (measured on a
+# 2-core AMD EPYC with AVX512-BF16; README "Benchmarks"), so "auto" takes the reference
+# there: channel attention in bfloat16 (its C x C matrix is small at any N, so there is
+# no memory to save), and position attention in bfloat16 up to this many positions
+# (a 2048 x 2048 bfloat16 matrix is 8 MiB). Larger maps take the kernel: about as fast,
+# and O(N) memory instead of N x N. backend="extension" always takes the kernel.
+AUTO_REFERENCE_MAX_POSITIONS = 2048
+
+
+def auto_prefers_reference(op: str, device: torch.device, dtype: torch.dtype, positions: int) -> bool:
+    """Whether backend="auto" runs the reference for this call on speed grounds."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not hardware.has_fast_bfloat16():
+        return False
+    return op == "channel_attention" or positions <= AUTO_REFERENCE_MAX_POSITIONS
+
+
 def use_kernel(backend: str, tensors: Tuple[Tensor, ...], op: str) -> bool:
     """Resolve backend ("auto", "extension", "reference") for one call on `tensors`."""
     if backend == "reference":
@@ -175,6 +192,8 @@ def use_kernel(backend: str, tensors: Tuple[Tensor, ...], op: str) -> bool:
                                "the compiled kernels do not support; use backend='auto' or 'reference'")
         return False
     device, dtype = tensors[-1].device, tensors[-1].dtype
+    if backend == "auto" and auto_prefers_reference(op, device, dtype, tensors[-1].shape[-2] * tensors[-1].shape[-1]):
+        return False
     reason = kernel_unavailable_reason(device, dtype)
     if reason is None:
         return True

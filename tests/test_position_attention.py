@@ -232,7 +232,7 @@ def test_autocast(device):
     q, k, v = make_inputs(2, 8, 16, 9, 7, device)
     dtype = torch.bfloat16 if device == "cpu" else torch.float16
     with torch.autocast(device_type=device, dtype=dtype):
-        out = danet_ext.position_attention(q, k, v)
+        out = danet_ext.position_attention(q, k, v, backend="extension")  # the kernel, whatever auto picks
     assert out.dtype == dtype
     truth = reference.position_attention(*(t.to(dtype).double() for t in (q, k, v)))
     assert max_err(out, truth) < 2e-2
@@ -325,3 +325,21 @@ def test_cpu_bfloat16_switch_changes_the_path(monkeypatch):
     # the two paths round differently (P to bfloat16 before the product, or not)
     assert not torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_takes_the_reference_where_it_is_faster(monkeypatch, fast_bf16):
+    # on bfloat16 hardware: CAM in bfloat16 and small PAM maps in bfloat16 run the
+    # reference (measured faster there); larger maps keep the O(N)-memory kernel
+    monkeypatch.setattr(danet_ext.hardware, "has_fast_bfloat16", lambda: fast_bf16)
+    ops = danet_ext.ops
+    n = ops.AUTO_REFERENCE_MAX_POSITIONS
+    small = make_inputs(1, 4, 8, 32, n // 32, "cpu", torch.bfloat16)
+    large = make_inputs(1, 4, 8, 32, n // 32 + 1, "cpu", torch.bfloat16)
+    assert ops.use_kernel("auto", tuple(small), "position_attention") is (not fast_bf16)
+    assert ops.use_kernel("auto", tuple(large), "position_attention")
+    assert ops.use_kernel("auto", (small[2],), "channel_attention") is (not fast_bf16)
+    assert ops.use_kernel("extension", tuple(small), "position_attention")  # never overridden
+    assert ops.use_kernel("auto", tuple(t.float() for t in small), "position_attention")  # float32: kernel
+    info = danet_ext.build_info()["cpu_bfloat16"]
+    assert bool(info["auto_takes_reference_for"]) is fast_bf16
