@@ -55,3 +55,26 @@ def _seed():
 # The CUDA emulation's tests (tests/cuda_emulation) compile the CUDA kernels for
 # the CPU and take minutes: `make test-cuda-emulated` runs them, `make test` not.
 collect_ignore = [] if os.environ.get("DANET_EXT_CUDA_EMULATION") == "1" else ["cuda_emulation"]
+
+
+def save_tiny_checkpoint(path, width=8, num_classes=4, seed=0):
+    """A TinyDANet checkpoint as `danet-ext demo` writes it, with gamma = 0.5 so the
+    attention branches count in the output. Returns (model in eval mode, path)."""
+    from danet_ext.tools.demo import TinyDANet
+
+    torch.manual_seed(seed)
+    model = TinyDANet(num_classes, width=width).eval()
+    for m in model.modules():
+        if hasattr(m, "gamma"):
+            m.gamma.data.fill_(0.5)
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+    return model, path
+
+
+def run_cli(*args, timeout=600):
+    """`python -m danet_ext ARGS` in a subprocess, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "danet_ext", *args], capture_output=True, text=True,
+                          timeout=timeout)

@@ -3,14 +3,12 @@ the numbers it reports agree with an independent computation, and bad labels
 are reported in one line."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from danet_ext.tools.demo import TinyDANet
+from conftest import run_cli, save_tiny_checkpoint
 from danet_ext.tools.evaluate import class_scores
 from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch
 
@@ -35,18 +33,7 @@ def write_voc_folder(root, count=3, size=72, bad_label=False):
 
 @pytest.fixture
 def setup(tmp_path):
-    torch.manual_seed(0)
-    model = TinyDANet(len(CLASSES), width=8).eval()
-    for m in model.modules():
-        if hasattr(m, "gamma"):
-            m.gamma.data.fill_(0.5)
-    ckpt = tmp_path / "tiny.pt"
-    torch.save({"config": model.config, "state_dict": model.state_dict()}, ckpt)
-    return model, ckpt
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "danet_ext", *args], capture_output=True, text=True, timeout=600)
+    return save_tiny_checkpoint(tmp_path / "tiny.pt", width=8, num_classes=len(CLASSES))
 
 
 def test_evaluate_reports_what_an_independent_computation_finds(tmp_path, setup):

@@ -1,29 +1,16 @@
 """`danet-ext export`: ONNX and OpenVINO models whose position attention is one fused
 attention operation, and whose outputs match PyTorch's."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from danet_ext.tools.demo import TinyDANet
+from conftest import run_cli, save_tiny_checkpoint
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = TinyDANet(4, width=16).eval()
-    for m in model.modules():
-        if hasattr(m, "gamma"):
-            m.gamma.data.fill_(0.5)  # the attention branches must count in the output
-    path = tmp_path / "tiny.pt"
-    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
-    return model, path
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "danet_ext", *args], capture_output=True, text=True, timeout=600)
+    return save_tiny_checkpoint(tmp_path / "tiny.pt", width=16)
 
 
 def test_onnx_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
