@@ -7,7 +7,6 @@ flags, and every benchmark records them.
 """
 from __future__ import annotations
 
-import functools
 import os
 import platform
 from typing import Dict, FrozenSet
@@ -18,29 +17,30 @@ import torch
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> FrozenSet[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+def _read_cpuinfo(field: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+# Read once at import: the ops consult these on every call, also inside torch.compile,
+# which must not trace file reads.
+_FLAGS: FrozenSet[str] = frozenset(_read_cpuinfo("flags").split())
+_MODEL: str = _read_cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    return _FLAGS
+
+
+def cpu_model() -> str:
+    return _MODEL
 
 
 def has_fast_bfloat16() -> bool:

@@ -343,3 +343,16 @@ def test_auto_takes_the_reference_where_it_is_faster(monkeypatch, fast_bf16):
     assert ops.use_kernel("auto", tuple(t.float() for t in small), "position_attention")  # float32: kernel
     info = danet_ext.build_info()["cpu_bfloat16"]
     assert bool(info["auto_takes_reference_for"]) is fast_bf16
+
+
+def test_torch_compile_fullgraph_in_bfloat16():
+    # the backend choice for bfloat16 consults the CPU's flags: it must not break the graph
+    q, k, v = make_inputs(1, 4, 8, 50, 50, "cpu", torch.bfloat16)
+    x = v[:, :, :6, :7].contiguous()
+
+    def f(q, k, v, x):
+        return danet_ext.position_attention(q, k, v) * 2, danet_ext.channel_attention(x) * 2
+
+    pam, cam = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, x)
+    torch.testing.assert_close(pam, danet_ext.position_attention(q, k, v) * 2)
+    torch.testing.assert_close(cam, danet_ext.channel_attention(x) * 2)
