@@ -54,6 +54,25 @@ int64_t balanced_block(int64_t n, int64_t batches, int64_t widest, int64_t narro
   return block;
 }
 
+// One query row's step of the online softmax over a tile of its scores: the
+// row becomes its probabilities normalised by the running sum so far, the row's
+// maximum m and sum l are updated, and the factor the accumulator must be
+// multiplied by is returned. The accumulator holds the normalised output so far
+// (weights summing to 1), so it never exceeds max |v|: a value that fits in the
+// dtype, as the reference's, cannot overflow in the sum.
+template <typename scalar_t>
+scalar_t softmax_tile_row(scalar_t* row, int64_t n, scalar_t& m, scalar_t& l) {
+  const scalar_t m_new = online_max(m, row_max(row, n));
+  const scalar_t alpha = online_rescale(m, m_new);
+  const scalar_t tile_sum = exp_row_inplace(row, n, scalar_t(1), exp_offset(m_new));
+  const scalar_t l_new = online_sum(l, alpha, tile_sum);
+  const scalar_t rescale = normalised_rescale(alpha, l, l_new);
+  scale_row(row, n, scalar_t(1) / l_new);
+  l = l_new;
+  m = m_new;
+  return rescale;
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                     scalar_t* out, scalar_t* stats, int64_t B, int64_t Cq,
@@ -80,20 +99,8 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
         // S (bq x bk) = Q[:, i0:i0+bq]^T K[:, j0:j0+bk]
         gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0,
                        scores.data(), block_k);
-        for (int64_t i = 0; i < bq; ++i) {
-          scalar_t* row = scores.data() + i * block_k;
-          const scalar_t m_new = online_max(row_m[i], row_max(row, bk));
-          const scalar_t alpha = online_rescale(row_m[i], m_new);
-          const scalar_t tile_sum = exp_row_inplace(row, bk, scalar_t(1), exp_offset(m_new));
-          const scalar_t l_new = online_sum(row_l[i], alpha, tile_sum);
-          // The accumulator holds the normalised output so far (weights summing
-          // to 1), so it never exceeds max |v|: a value that fits in the dtype,
-          // as the reference's, cannot overflow in the sum.
-          rescale[i] = normalised_rescale(alpha, row_l[i], l_new);
-          scale_row(row, bk, scalar_t(1) / l_new);
-          row_l[i] = l_new;
-          row_m[i] = m_new;
-        }
+        for (int64_t i = 0; i < bq; ++i)
+          rescale[i] = softmax_tile_row(scores.data() + i * block_k, bk, row_m[i], row_l[i]);
         if (j0 > 0) {
           for (int64_t c = 0; c < C; ++c) {
             scalar_t* arow = acc.data() + c * block_q;
@@ -152,16 +159,9 @@ void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
         gemm<float>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0, scores.data(), block_k);
         for (int64_t i = 0; i < bq; ++i) {
           float* row = scores.data() + i * block_k;
-          const float m_new = online_max(row_m[i], row_max(row, bk));
-          const float alpha = online_rescale(row_m[i], m_new);
-          const float tile_sum = exp_row_inplace(row, bk, 1.f, exp_offset(m_new));
-          const float l_new = online_sum(row_l[i], alpha, tile_sum);
-          rescale[i] = normalised_rescale(alpha, row_l[i], l_new);
-          const float inv = 1.f / l_new;
+          rescale[i] = softmax_tile_row(row, bk, row_m[i], row_l[i]);
           at::BFloat16* prow = p16.data() + i * block_k;
-          for (int64_t j = 0; j < bk; ++j) prow[j] = static_cast<at::BFloat16>(row[j] * inv);
-          row_l[i] = l_new;
-          row_m[i] = m_new;
+          for (int64_t j = 0; j < bk; ++j) prow[j] = static_cast<at::BFloat16>(row[j]);
         }
         // O tile (C x bq) = V[:, j0:j0+bk] P^T, straight into the output when one tile holds every key
         bf16_mm(false, true, C, bq, bk, vb + j0, N, p16.data(), block_k, one_tile ? ob : o16.data(),
