@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from .datasets import IGNORE, FolderSegmentation
-from .segment import load_model, predict, prepare
+from .segment import load_model, model_classes, predict, prepare, takes_normalised_images
 from .synthetic import confusion_matrix
 
 
@@ -62,9 +62,9 @@ def evaluate_folder(checkpoint: str, data: str, layout: str = "voc", split: str 
 
     dataset = FolderSegmentation(data, layout, split)
     model = load_model(checkpoint, num_classes, backbone, verbose=progress)
-    k = model.head.conv8[1].out_channels
+    k = model_classes(model)
     names = getattr(model, "class_names", None) or [f"class {i}" for i in range(k)]
-    normalize = not (isinstance(getattr(model, "config", None), dict) and model.config.get("arch") == "tiny")
+    normalize = takes_normalised_images(model)
     fast = prepare(model, precision, verbose=progress)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     conf = torch.zeros(k, k, dtype=torch.long)

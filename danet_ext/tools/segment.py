@@ -310,8 +310,7 @@ def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: O
     model = load_model(checkpoint, num_classes, backbone, verbose=verbose)
     image = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8).view(pil.height, pil.width, 3)
     image = image.permute(2, 0, 1).float() / 255
-    # the demo's model was trained on raw [0, 1] pixels; DANet checkpoints on ImageNet-normalised ones
-    normalize = not (isinstance(getattr(model, "config", None), dict) and model.config.get("arch") == "tiny")
+    normalize = takes_normalised_images(model)
     fast = prepare(model, precision, verbose)
     labels = predict(fast, image, window=window, flip=flip, normalize=normalize).argmax(0)
     names = model.class_names
@@ -347,6 +346,12 @@ def prepare(model: nn.Module, precision: str, verbose: bool = False) -> nn.Modul
         print(f"inference: {str(fast.dtype).replace('torch.', '')}, channels_last, "
               f"{fast.folded_batch_norms} BatchNorms folded, on {fast.device}", flush=True)
     return fast
+
+
+def takes_normalised_images(model: nn.Module) -> bool:
+    """DANet checkpoints were trained on ImageNet-normalised images; the demo's
+    TinyDANet on raw [0, 1] pixels."""
+    return not (isinstance(getattr(model, "config", None), dict) and model.config.get("arch") == "tiny")
 
 
 def model_classes(model: nn.Module) -> int:
