@@ -2,9 +2,9 @@
 # The GPU suite, for a machine with a CUDA GPU and PyTorch preinstalled but no
 # internet (`make gpu-suite`). Builds the extension for the local GPU, runs the
 # CUDA tests for all dtypes, compute-sanitizer (memcheck, racecheck) over small
-# PAM and CAM forward+backward calls, and the GPU benchmarks; the opt-in
-# tensor-core forward (DANET_EXT_TENSOR_CORES=1) is checked, sanitized and
-# timed beside the CUDA-core kernels. Everything goes into one folder
+# PAM and CAM forward+backward calls, and the GPU benchmarks; the float16/
+# bfloat16 tensor-core kernels (the default) are checked, sanitized and timed
+# beside the CUDA-core kernels (DANET_EXT_TENSOR_CORES=0). Everything goes into one folder
 # (GPU_SUITE_OUT, default gpu-out/); where $OUT is set (the device tool), the
 # summary and a tarball of that folder are copied there.
 #
@@ -49,7 +49,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step info $PY -m danet_ext info
 if want check; then
   step check $PY -m danet_ext check --device cuda
-  step check_tensor_cores env DANET_EXT_TENSOR_CORES=1 $PY -m danet_ext check --device cuda --dtype float16 --dtype bfloat16
+  step check_cuda_cores env DANET_EXT_TENSOR_CORES=0 $PY -m danet_ext check --device cuda --dtype float16 --dtype bfloat16
 fi
 if want tests; then
   step tests_cuda $PY -m pytest -q -m cuda tests -p no:cacheprovider

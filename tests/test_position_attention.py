@@ -252,10 +252,11 @@ def _cuda_capability_major():
     return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
 
 
-# The tensor-core forward (float16/bfloat16, compute capability >= 8.0), opt-in
-# with DANET_EXT_TENSOR_CORES=1 until a GPU run has verified it: odd N (partial
-# key and query tiles), Cq off the 32-channel staging step, C off the
-# 128-channel block, N = 1, and logits in the thousands.
+# The tensor-core kernels (float16/bfloat16, compute capability >= 8.0, the
+# default there; DANET_EXT_TENSOR_CORES=0 forces the CUDA cores): odd N
+# (partial key and query tiles), Cq off the 16-channel step, C off the
+# 128-channel block, N = 1, logits in the thousands; Cq = 100 takes the
+# tensor-core forward and the CUDA-core backward.
 TENSOR_CORE_CASES = [(2, 8, 64, (17, 23), 0.5), (1, 64, 512, (64, 64), 0.5), (1, 1, 5, (7, 9), 0.5),
                      (3, 33, 130, (9, 11), 0.5), (1, 100, 300, (31, 33), 0.3), (2, 8, 16, (1, 1), 1.0),
                      (1, 16, 32, (9, 13), 12.0)]
@@ -265,10 +266,10 @@ TENSOR_CORE_CASES = [(2, 8, 64, (17, 23), 0.5), (1, 64, 512, (64, 64), 0.5), (1,
 @pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Cq,C,HW,scale", TENSOR_CORE_CASES)
-def test_tensor_core_forward(monkeypatch, dtype, B, Cq, C, HW, scale):
+def test_tensor_core_kernels(monkeypatch, dtype, B, Cq, C, HW, scale):
     if _cuda_capability_major() < 8:
-        pytest.skip("the tensor-core forward needs compute capability 8.0")
-    monkeypatch.setenv("DANET_EXT_TENSOR_CORES", "1")
+        pytest.skip("the tensor-core kernels need compute capability 8.0")
+    monkeypatch.delenv("DANET_EXT_TENSOR_CORES", raising=False)
     H, W = HW
     inputs = make_inputs(B, Cq, C, H, W, "cuda", dtype, scale=scale)
     grad_out = torch.randn(B, C, H, W, device="cuda").to(dtype)
@@ -289,6 +290,22 @@ def test_tensor_core_forward(monkeypatch, dtype, B, Cq, C, HW, scale):
     # the saved statistics are those of the rounded inputs' scores
     _, stats = op.position_attention_forward(*inputs)
     assert_stats_of_scores(stats, inputs[0], inputs[1], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_backward_is_refused_under_deterministic_algorithms(dtype):
+    """dQ is accumulated with float32 atomics: under torch.use_deterministic_algorithms
+    the CUDA backward raises instead of being silently nondeterministic."""
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 8, 16, 5, 5, "cuda", dtype))
+    out = ext_position_attention(q, k, v)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="position_attention_backward.*deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 # bfloat16 on the CPU has two paths (csrc/cpu/bf16_gemm.h): products in bfloat16 on

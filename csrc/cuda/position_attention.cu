@@ -1,7 +1,9 @@
 // Position attention (PAM) on CUDA: the ATen launchers and their registration
-// for the CUDA dispatch key. The kernels are in position_attention_kernels.cuh
-// (CUDA cores) and position_attention_tensor_cores_kernels.cuh (opt-in).
+// for the CUDA dispatch key. float16/bfloat16 run on tensor cores
+// (position_attention_tensor_cores_kernels.cuh) where use_tensor_core_*()
+// allows; the rest on CUDA cores (position_attention_kernels.cuh).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -29,8 +31,7 @@ std::tuple<at::Tensor, at::Tensor> position_attention_forward_cuda(const at::Ten
   at::Tensor out = at::empty({B, C, H, W}, v.options());
   at::Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {out, stats};
-  // float16/bfloat16 on tensor cores, opt-in until verified on a GPU (README).
-  if (tensor_cores_requested() && tensor_cores_available(v)) {
+  if (use_tensor_core_forward(v, Cq)) {
     position_attention_forward_tensor_cores(q, k, v, out, stats);
     return {out, stats};
   }
@@ -50,6 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cuda(
   check_is_cuda(grad_out, "grad_out");
   check_is_cuda(value, "value");  // the others share its device (checked above)
   check_cuda_dtype(value, "value");
+  // Both backwards add dQ up with float32 atomics, in an order that varies.
+  at::globalContext().alertNotDeterministic(
+      "danet_ext::position_attention_backward on CUDA (dQ is accumulated with float32 atomics); "
+      "run it with backend=\"reference\" for a deterministic backward");
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1);
   const int64_t N = value.size(2) * value.size(3);
@@ -63,6 +68,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cuda(
   if (B == 0 || N == 0) return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
   at::Tensor row_dot = at::empty({B, N}, stats.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (use_tensor_core_backward(v, Cq, C)) {
+    DANET_DISPATCH_CUDA_TYPES(v.scalar_type(), "position_attention_row_dot_cuda", [&] {
+      position_attention_row_dot_launch<scalar_t>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
+                                                  row_dot.data_ptr<float>(), B, C, N, stream);
+    });
+    position_attention_backward_tensor_cores(go, q, k, v, stats, row_dot, dq_acc, dk_acc, dv);
+    return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
+  }
   DANET_DISPATCH_CUDA_TYPES(v.scalar_type(), "position_attention_backward_cuda", [&] {
     position_attention_backward_launch<scalar_t>(
         go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),

@@ -386,6 +386,13 @@ void position_attention_forward_launch(const T* q, const T* k, const T* v, T* ou
   DANET_LAUNCH(forward_kernel<T>, forward_geometry(B, C, N), stream, q, k, v, out, stats, Cq, C, N);
 }
 
+// D = sum_c dO O per query, row_dot (B, N) float32: the first step of both backwards.
+template <typename T>
+void position_attention_row_dot_launch(const T* grad_out, const T* out, float* row_dot, int64_t B, int64_t C,
+                                       int64_t N, cudaStream_t stream) {
+  DANET_LAUNCH(row_dot_kernel<T>, row_dot_geometry(B, N), stream, grad_out, out, row_dot, C, N);
+}
+
 // The backward on raw pointers. row_dot (B, N) float32 workspace; dq_acc,
 // dk_acc (B, Cq, N) float32 and dv (B, C, N) zero-filled by the caller.
 template <typename T>
@@ -393,7 +400,7 @@ void position_attention_backward_launch(const T* grad_out, const T* q, const T* 
                                         const float* stats, float* row_dot, float* dq_acc, float* dk_acc,
                                         T* dv, int64_t B, int64_t Cq, int64_t C, int64_t N,
                                         cudaStream_t stream) {
-  DANET_LAUNCH(row_dot_kernel<T>, row_dot_geometry(B, N), stream, grad_out, out, row_dot, C, N);
+  position_attention_row_dot_launch(grad_out, out, row_dot, B, C, N, stream);
   DANET_LAUNCH(grad_qk_kernel<T>, grad_qk_geometry(B, N), stream, grad_out, q, k, v, stats, row_dot, dq_acc,
                dk_acc, Cq, C, N);
   if (C > 0) {

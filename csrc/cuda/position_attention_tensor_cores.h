@@ -1,7 +1,8 @@
-// The tensor-core (WMMA) forward of position attention for float16 and
-// bfloat16 inputs, in position_attention_tensor_cores.cu. The launcher in
-// position_attention.cu calls it when tensor_cores_requested() and the device
-// has compute capability 8.0 or newer; otherwise the CUDA-core kernels run.
+// Position attention on tensor cores (float16/bfloat16, compute capability 8.0
+// and newer), in position_attention_tensor_cores.cu; the kernels are in
+// position_attention_tensor_cores_kernels.cuh. The launchers in
+// position_attention.cu take this path by default where it applies and the
+// CUDA-core kernels otherwise; DANET_EXT_TENSOR_CORES=0 forces the CUDA cores.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,19 +10,26 @@
 namespace danet {
 namespace cuda {
 
-// DANET_EXT_TENSOR_CORES=1 in the environment (read at every call).
-bool tensor_cores_requested();
+// Whether the tensor-core forward / backward run for these inputs: float16 or
+// bfloat16 on a device of compute capability 8.0 or newer with kernels built
+// for it, DANET_EXT_TENSOR_CORES not "0" (read at every call), and the shape
+// within the kernels' limits (forward: Cq <= 512; backward: Cq <= 64, C <= 1024).
+bool use_tensor_core_forward(const at::Tensor& value, int64_t Cq);
+bool use_tensor_core_backward(const at::Tensor& value, int64_t Cq, int64_t C);
 
-// Whether the tensor-core forward can run for this dtype on the current device.
-bool tensor_cores_available(const at::Tensor& value);
-
-// q, k: (B, Cq, H, W) and v: (B, C, H, W), contiguous, float16 or bfloat16,
+// q, k: (B, Cq, H, W) and v: (B, C, H, W), contiguous, of one 16-bit dtype,
 // validated by the caller, with B and N = H*W non-zero; out: (B, C, H, W) of
 // v's dtype, contiguous; stats: (B, 2, N) float32, receives each query's score
 // maximum and inverse sum of exponentials.
-void position_attention_forward_tensor_cores(const at::Tensor& q, const at::Tensor& k,
-                                             const at::Tensor& v, at::Tensor& out,
-                                             at::Tensor& stats);
+void position_attention_forward_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             at::Tensor& out, at::Tensor& stats);
+
+// grad_out, q, k, v contiguous as above; stats (B, 2, N) and row_dot (B, N)
+// float32; dq_acc, dk_acc (B, Cq, H, W) float32 zero-filled; dv like v.
+void position_attention_backward_tensor_cores(const at::Tensor& grad_out, const at::Tensor& q,
+                                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& stats,
+                                              const at::Tensor& row_dot, at::Tensor& dq_acc, at::Tensor& dk_acc,
+                                              at::Tensor& dv);
 
 }  // namespace cuda
 }  // namespace danet

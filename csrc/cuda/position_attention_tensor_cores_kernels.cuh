@@ -1,74 +1,74 @@
-// Position attention forward on tensor cores (WMMA m16n16k16, compute
-// capability 8.0 and newer) for float16 and bfloat16 inputs: the kernels, their
-// launch geometry and launch sequence on raw pointers. Compiled by nvcc through
+// Position attention (PAM) on tensor cores for float16 and bfloat16 inputs,
+// compute capability 8.0 and newer: the kernels, their launch geometry and
+// launch sequences on raw pointers. Compiled by nvcc through
 // position_attention_tensor_cores.cu and, for the tests, by the host compiler
 // through the CUDA emulation (tests/cuda_emulation).
 //
 // out[b, :, i] = sum_j softmax_j(q_i . k_j) v_j   (no 1/sqrt(d) scaling)
 //
-// Two passes, which compute every score tile S = Q^T K with the same code on
-// the same staged operands, so that their scores agree to the bit:
-//   1. stats_kernel, one block per 64-query tile: walks all key tiles with the
-//      online softmax of attention_math.h and writes each query's score
-//      maximum m and inverse sum 1/l, the softmax_stats that the backward
-//      needs anyway.
-//   2. output_kernel, one block per (64-query tile, 128 value channels):
-//      walks the key tiles again, forms the final probabilities
-//      P = exp(S - m) / l and accumulates O += P V^T. Since P is final, the
-//      accumulators are never rescaled and stay in tensor-core fragments for
-//      the whole walk (no per-row access to an opaque fragment layout).
-// Scores, statistics and accumulators are float32; only the operands of the
-// two products (Q, K, V as given, P rounded to the input dtype) are 16-bit,
-// as in FlashAttention. No N x N tensor is formed.
+// FlashAttention-2's structure with mma.sync m16n8k16 and ldmatrix
+// (mma_sm80.cuh): a block is 4 warps; each warp owns 16 rows (queries in the
+// forward, keys in the backward) of a 64-row tile and walks the other side in
+// 64-column steps. Scores S = Q^T K are computed once per step into float32
+// fragments; the online softmax runs on them in registers (rows g and g + 8
+// of each lane, reduced over the 4 lanes of a quad); the probabilities,
+// rounded to the input dtype as in FlashAttention, are the A operand of the
+// next product without leaving registers. Softmax statistics, accumulators
+// and dQ are float32. No N x N tensor is formed; the backward recomputes P
+// from the saved statistics.
 //
-// Every operand goes global -> shared memory (zero-filled past N and past the
-// channel counts) -> fragments, so that any N, Cq and C work; 8 warps a block.
+//   forward_kernel_tc   grid (query tiles, 128-channel blocks of C, B):
+//                       O[c0 : c0+128, tile] in registers (64 floats a lane);
+//                       S is recomputed once per channel block (C / 128 times).
+//   grad_v_kernel_tc    grid (key tiles, 128-channel blocks, B): dV^T += P^T dO^T.
+//   grad_qk_kernel_tc   grid (key tiles, B): dP^T = V^T dO (V's tile stays in
+//                       shared memory), dS^T = P^T (dP^T - D), dK^T += dS^T Q^T
+//                       in registers, dQ += dS K through shared memory and
+//                       float32 atomics (not deterministic: the launcher raises
+//                       under torch.use_deterministic_algorithms).
+//
+// Operands go global -> shared memory (zero-filled past N and past the
+// channel counts; 16-byte copies when N % 8 == 0 and the pointers allow it)
+// -> fragments. Shared tiles are channel-major rows of 64 + 8 elements: 144
+// bytes, so ldmatrix's 8 row addresses fall in 8 distinct 4-bank groups.
 #pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #if !defined(DANET_CUDA_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #endif
-
-#include <cstdint>
 
 #include "../attention_math.h"
 #include "device_common.cuh"
 #include "launch.cuh"
+#include "mma_sm80.cuh"
 
 namespace danet {
 namespace cuda {
 namespace {
 
-namespace wmma = nvcuda::wmma;
+constexpr int kTcWarps = 4;
+constexpr int kTcThreads = 32 * kTcWarps;
+constexpr int kTcTile = 64;            // rows of a block (queries or keys), and columns per step
+constexpr int kTcTileC = 128;          // value channels of a forward / dV block
+constexpr int kTcChunkC = 64;          // dO channels staged per step of grad_qk_kernel_tc
+constexpr int kPitch = kTcTile + 8;    // 16-bit elements per shared row (144 bytes)
+constexpr int kRowBytes = kPitch * 2;
+constexpr int kScoreTiles = kTcTile / 8;   // n8 tiles of a warp's 16 x 64 score block
+constexpr int kOutTiles = kTcTileC / 8;    // n8 tiles of a warp's 16 x 128 output block
 
-constexpr int kTcThreads = 256;  // 8 warps
-constexpr int kTcTileQ = 64;     // queries per block
-constexpr int kTcTileK = 64;     // keys per step
-constexpr int kTcTileC = 128;    // value channels per output block
-constexpr int kTcDepth = 32;     // query/key channels staged per step
-constexpr int kFrag = 16;        // WMMA tile edge
-constexpr int kLd16 = kTcTileQ + 8;   // row length of the 16-bit tiles (16-byte aligned rows, banks spread)
-constexpr int kLdS = kTcTileK + 4;    // row length of the float score tile
-constexpr int kLdO = kTcTileQ + 4;    // row length of the float output staging tile
-static_assert(kTcTileQ == kTcTileK, "one padded row length serves the Q, K, P and V tiles");
-
-// Shared memory, in bytes. Pass 1 uses [0, kScoreBytes); pass 2 all of it.
-// After pass 2's walk, the output staging tile reuses the space of the tiles.
-constexpr int kQsOff = 0;                                   // Q^T chunk, qs[d * kLd16 + i]
-constexpr int kKsOff = kQsOff + kTcDepth * kLd16 * 2;       // K chunk,   ks[d * kLd16 + j]
-constexpr int kSsOff = kKsOff + kTcDepth * kLd16 * 2;       // scores,    ss[i * kLdS + j]
-constexpr int kScoreBytes = kSsOff + kTcTileQ * kLdS * 4;
-constexpr int kPsOff = kScoreBytes;                         // probabilities, ps[i * kLd16 + j]
-constexpr int kVsOff = kPsOff + kTcTileQ * kLd16 * 2;       // V chunk,   vs[c * kLd16 + j]
-constexpr int kRowMaxOff = kVsOff + kTcTileC * kLd16 * 2;   // m of the tile's queries
-constexpr int kRowInvOff = kRowMaxOff + kTcTileQ * 4;       // 1 / l of the tile's queries
-constexpr int kOutputBytes = kRowInvOff + kTcTileQ * 4;
-constexpr int kStageBytes = kTcTileC * kLdO * 4;            // stage[c * kLdO + i]
-static_assert(kStageBytes <= kRowMaxOff, "the output staging tile must not overwrite the statistics");
-static_assert(kKsOff % 32 == 0 && kSsOff % 32 == 0 && kPsOff % 32 == 0 && kVsOff % 32 == 0,
-              "WMMA loads and stores need 32-byte aligned tiles");
+// Which shapes the tensor-core kernels take (the launcher falls back to the
+// CUDA-core kernels otherwise): the forward stages Q^T and K tiles of
+// round16(Cq) rows; grad_qk keeps dK^T in registers (Cq <= 64) and V's tile of
+// round16(C) rows in shared memory.
+constexpr int64_t kTcMaxCqForward = 512;
+constexpr int64_t kTcMaxCqBackward = 64;
+constexpr int64_t kTcMaxCBackward = 1024;
 
 template <typename T>
 struct MmaType;
@@ -81,214 +81,513 @@ struct MmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-__device__ __forceinline__ void store_rounded(__half* dst, float v) { *dst = __float2half_rn(v); }
-__device__ __forceinline__ void store_rounded(__nv_bfloat16* dst, float v) { *dst = __float2bfloat16_rn(v); }
+__host__ __device__ __forceinline__ int64_t round16(int64_t x) { return (x + 15) / 16 * 16; }
 
-// dst[r * kLd16 + x] = src[(r0 + r) * N + x0 + x] for r < kRowsS, x < kWidth,
-// copied bit for bit; +0 where r0 + r >= rows or x0 + x >= N. Consecutive
-// threads read consecutive x (coalesced).
-template <int kRowsS, int kWidth, typename M>
-__device__ __forceinline__ void stage_rows(const M* __restrict__ src, int64_t rows, int64_t N, int64_t r0,
-                                           int64_t x0, M* dst) {
+__device__ __forceinline__ uint16_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint16_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename M>
+__device__ __forceinline__ uint16_t round_bits(float v);
+template <>
+__device__ __forceinline__ uint16_t round_bits<__half>(float v) { return bits16(__float2half_rn(v)); }
+template <>
+__device__ __forceinline__ uint16_t round_bits<__nv_bfloat16>(float v) { return bits16(__float2bfloat16_rn(v)); }
+
+// dst[r * kPitch + x] = src[(r0 + r) * N + x0 + x] for r < fill_rows, x < 64,
+// copied bit for bit; 0 where r0 + r >= rows or x0 + x >= N. `vec`: N % 8 == 0
+// and src 16-byte aligned, so every 8-element run is one 16-byte access.
+template <typename M>
+__device__ __forceinline__ void stage_tile(const M* __restrict__ src, int64_t rows, int64_t N, int64_t r0,
+                                           int fill_rows, int64_t x0, M* dst, bool vec) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  for (int e = threadIdx.x; e < kRowsS * kWidth; e += kTcThreads) {
-    const int r = e / kWidth, x = e % kWidth;
-    const int64_t gr = r0 + r, gx = x0 + x;
-    d[r * kLd16 + x] = (gr < rows && gx < N) ? s[gr * N + gx] : uint16_t(0);
-  }
-}
-
-// ss (64 x 64 floats) = Q[:, i0 : i0+64]^T K[:, j0 : j0+64] on tensor cores.
-// Warp w computes query rows 16 (w % 4) .. +16 and key columns 32 (w / 4) .. +32.
-// Entries past N, and channels past Cq, read as 0. Ends with a barrier, so
-// that ss may be read at once (and qs, ks be refilled).
-template <typename M>
-__device__ __forceinline__ void score_tile(const M* __restrict__ q, const M* __restrict__ k, int64_t Cq,
-                                           int64_t N, int64_t i0, int64_t j0, M* qs, M* ks, float* ss) {
-  const int warp = threadIdx.x / 32;
-  const int rb = warp % 4, cb = (warp / 4) * 2;
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[2];
-  wmma::fill_fragment(acc[0], 0.f);
-  wmma::fill_fragment(acc[1], 0.f);
-  for (int64_t d0 = 0; d0 < Cq; d0 += kTcDepth) {
-    stage_rows<kTcDepth, kTcTileQ>(q, Cq, N, d0, i0, qs);
-    stage_rows<kTcDepth, kTcTileK>(k, Cq, N, d0, j0, ks);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTcDepth / kFrag; ++kk) {
-      // Q^T (query x channel) is stored channel-major: a column-major A.
-      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::col_major> a;
-      wmma::load_matrix_sync(a, qs + kk * kFrag * kLd16 + rb * kFrag, kLd16);
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, M, wmma::row_major> b;
-        wmma::load_matrix_sync(b, ks + kk * kFrag * kLd16 + (cb + t) * kFrag, kLd16);
-        wmma::mma_sync(acc[t], a, b, acc[t]);
-      }
+  if (vec) {
+    for (int e = threadIdx.x; e < fill_rows * (kTcTile / 8); e += kTcThreads) {
+      const int r = e / (kTcTile / 8), x = (e % (kTcTile / 8)) * 8;
+      const int64_t gr = r0 + r, gx = x0 + x;
+      uint4 val{0u, 0u, 0u, 0u};
+      if (gr < rows && gx < N) val = *reinterpret_cast<const uint4*>(s + gr * N + gx);
+      *reinterpret_cast<uint4*>(d + r * kPitch + x) = val;
     }
-    __syncthreads();
+  } else {
+    for (int e = threadIdx.x; e < fill_rows * kTcTile; e += kTcThreads) {
+      const int r = e / kTcTile, x = e % kTcTile;
+      const int64_t gr = r0 + r, gx = x0 + x;
+      d[r * kPitch + x] = (gr < rows && gx < N) ? s[gr * N + gx] : uint16_t(0);
+    }
   }
-#pragma unroll
-  for (int t = 0; t < 2; ++t)
-    wmma::store_matrix_sync(ss + rb * kFrag * kLdS + (cb + t) * kFrag, acc[t], kLdS, wmma::mem_row_major);
-  __syncthreads();
 }
 
-// Pass 1: softmax statistics. grid: (query tiles, B).
+// Lane roles in ldmatrix x4: lane L gives row L % 8 of matrix L / 8.
+__device__ __forceinline__ int ld_mat() { return (threadIdx.x % 32) / 8; }
+__device__ __forceinline__ int ld_row() { return threadIdx.x % 8; }
+
+// s[nt] += (16 x depth) . (depth x 64) for a warp: s[r][n] = sum_c a[c][row0 + r] b[c][n],
+// both operands channel-major in shared memory (a[c * kPitch + row]); depth a
+// multiple of 16. A is read with ldmatrix.trans (column-major A), B likewise.
 template <typename M>
+__device__ __forceinline__ void warp_scores(const M* a, const M* b, int64_t depth, int row0,
+                                            float (&s)[kScoreTiles][4]) {
+  const int mat = ld_mat(), r = ld_row();
+  for (int64_t kc = 0; kc < depth; kc += 16) {
+    uint32_t af[4];
+    ldmatrix<4, true>(af, a + (kc + (mat >> 1) * 8 + r) * kPitch + row0 + (mat & 1) * 8);
+#pragma unroll
+    for (int nt = 0; nt < kScoreTiles; nt += 2) {
+      uint32_t bf[4];
+      ldmatrix<4, true>(bf, b + (kc + (mat & 1) * 8 + r) * kPitch + nt * 8 + (mat >> 1) * 8);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_m16n8k16<M>(s[nt], af, b0);
+      mma_m16n8k16<M>(s[nt + 1], af, b1);
+    }
+  }
+}
+
+// The A fragment of columns 16 kk .. 16 kk + 15 of a warp's 16 x 64 float
+// block held as C fragments (see mma_sm80.cuh), rounded to M.
+template <typename M>
+__device__ __forceinline__ void a_from_c(const float (&p)[kScoreTiles][4], int kk, uint32_t (&a)[4]) {
+  a[0] = pack2<M>(p[2 * kk][0], p[2 * kk][1]);
+  a[1] = pack2<M>(p[2 * kk][2], p[2 * kk][3]);
+  a[2] = pack2<M>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+  a[3] = pack2<M>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+}
+
+// acc[ct] += P B for a warp: P is its 16 x 64 block in registers (rounded to
+// M), B[k][n] = b[n * kPitch + k] (row n of the shared tile holds column n of
+// B), n < 8 kTiles. ldmatrix without .trans gives B's "col" fragments.
+template <typename M, int kTiles>
+__device__ __forceinline__ void warp_product(const float (&p)[kScoreTiles][4], const M* b,
+                                             float (&acc)[kTiles][4]) {
+  static_assert(kTiles % 2 == 0, "pairs of n8 tiles");
+  const int mat = ld_mat(), r = ld_row();
+#pragma unroll
+  for (int kk = 0; kk < kTcTile / 16; ++kk) {
+    uint32_t a[4];
+    a_from_c<M>(p, kk, a);
+#pragma unroll
+    for (int ct = 0; ct < kTiles; ct += 2) {
+      uint32_t bf[4];
+      ldmatrix<4, false>(bf, b + (ct * 8 + (mat >> 1) * 8 + r) * kPitch + kk * 16 + (mat & 1) * 8);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_m16n8k16<M>(acc[ct], a, b0);
+      mma_m16n8k16<M>(acc[ct + 1], a, b1);
+    }
+  }
+}
+
+// Reductions over the 4 lanes of a quad (the lanes that share a fragment row).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Fragment coordinates of element e of n8 tile nt, for this lane.
+__device__ __forceinline__ int frag_row(int e) { return (threadIdx.x % 32) / 4 + 8 * (e >> 1); }
+__device__ __forceinline__ int frag_col(int nt, int e) { return nt * 8 + 2 * (threadIdx.x % 4) + (e & 1); }
+
+// Copies a (rows x 64) tile of 16-bit values staged as stage[r * kPitch + x]
+// to dst[(r0 + r) * N + x0 + x], where r0 + r < rows_total and x0 + x < N (coalesced).
+template <typename T>
+__device__ __forceinline__ void store_tile(const uint16_t* stage, int rows, int64_t rows_total, int64_t N,
+                                           int64_t r0, int64_t x0, T* __restrict__ dst) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int e = threadIdx.x; e < rows * kTcTile; e += kTcThreads) {
+    const int r = e / kTcTile, x = e % kTcTile;
+    const int64_t gr = r0 + r, gx = x0 + x;
+    if (gr < rows_total && gx < N) d[gr * N + gx] = stage[r * kPitch + x];
+  }
+}
+
+// ---- forward ------------------------------------------------------------------
+// Dynamic shared memory: qs (round16(Cq) rows, the block's Q^T tile, staged
+// once), ks (round16(Cq) rows), vs (128 rows; after the walk, the output tile).
+inline int64_t forward_tc_shared_bytes(int64_t Cq) { return (2 * round16(Cq) + kTcTileC) * kRowBytes; }
+
+// kNormalised (bfloat16): the accumulator holds the normalised output so far,
+// so it stays within max |v| and cannot overflow where the result fits
+// (bfloat16 reaches 3e38); float16 values stay below 65504, so the float16
+// kernel accumulates exp(s - m) in [0, 1] as FlashAttention does and divides
+// once at the end, which keeps the rounded probabilities out of float16's
+// subnormal range.
+template <typename M, typename T>
 __global__ void __launch_bounds__(kTcThreads)
-    stats_kernel(const M* __restrict__ q, const M* __restrict__ k, float* __restrict__ stats, int64_t Cq,
-                 int64_t N) {
+    forward_kernel_tc(const M* __restrict__ q, const M* __restrict__ k, const M* __restrict__ v,
+                      T* __restrict__ out, float* __restrict__ stats, int64_t Cq, int64_t C, int64_t N, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the host launches this only on compute capability 8.0 and newer
 #else
-  DANET_SHARED_ALIGNED(128, unsigned char, smem, [kScoreBytes]);
-  M* qs = reinterpret_cast<M*>(smem + kQsOff);
-  M* ks = reinterpret_cast<M*>(smem + kKsOff);
-  float* ss = reinterpret_cast<float*>(smem + kSsOff);
-  const int64_t b = blockIdx.y;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTcTileQ;
-  q += b * Cq * N;
-  k += b * Cq * N;
-  // Four consecutive threads share a query row, 16 columns each.
-  const int row = threadIdx.x / 4, part = threadIdx.x % 4;
-  float row_m = neg_infinity<float>(), row_l = 0.f;
-  for (int64_t j0 = 0; j0 < N; j0 += kTcTileK) {
-    score_tile(q, k, Cq, N, i0, j0, qs, ks, ss);
-    const float* srow = ss + row * kLdS + part * 16;
-    const int64_t jp = j0 + part * 16;
-    float tile_max = neg_infinity<float>();
-#pragma unroll
-    for (int c = 0; c < 16; ++c)
-      if (jp + c < N) tile_max = fmaxf(tile_max, srow[c]);
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float m_new = online_max(row_m, tile_max);  // finite: key j0 < N is in every tile
-    const float rescale = online_rescale(row_m, m_new);
-    const float offset = exp_offset(m_new);
-    float tile_sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < 16; ++c)
-      if (jp + c < N) tile_sum += exp_acc(srow[c] - offset);
-    tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
-    tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 2);
-    row_l = online_sum(row_l, rescale, tile_sum);
-    row_m = m_new;
-    __syncthreads();  // ss is refilled by the next score_tile
-  }
-  const int64_t i = i0 + row;
-  if (part == 0 && i < N) {
-    stats[(b * 2 + 0) * N + i] = row_m;
-    stats[(b * 2 + 1) * N + i] = 1.f / row_l;
-  }
-#endif
-}
-
-// Pass 2: out = P V^T with the final probabilities. grid: (query tiles,
-// value-channel blocks of kTcTileC, B); kOutputBytes of dynamic shared memory.
-template <typename M, typename T>
-__global__ void __launch_bounds__(kTcThreads)
-    output_kernel(const M* __restrict__ q, const M* __restrict__ k, const M* __restrict__ v,
-                  const float* __restrict__ stats, T* __restrict__ out, int64_t Cq, int64_t C, int64_t N) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();
-#else
+  constexpr bool kNormalised = std::is_same<M, __nv_bfloat16>::value;
   DANET_DYNAMIC_SHARED(unsigned char, smem);
-  M* qs = reinterpret_cast<M*>(smem + kQsOff);
-  M* ks = reinterpret_cast<M*>(smem + kKsOff);
-  float* ss = reinterpret_cast<float*>(smem + kSsOff);
-  M* ps = reinterpret_cast<M*>(smem + kPsOff);
-  M* vs = reinterpret_cast<M*>(smem + kVsOff);
-  float* row_max = reinterpret_cast<float*>(smem + kRowMaxOff);
-  float* row_inv = reinterpret_cast<float*>(smem + kRowInvOff);
-  float* stage = reinterpret_cast<float*>(smem);  // after the walk only
+  const int64_t cq16 = round16(Cq);
+  M* qs = reinterpret_cast<M*>(smem);
+  M* ks = qs + cq16 * kPitch;
+  M* vs = ks + cq16 * kPitch;
+  const int row0 = (threadIdx.x / 32) * 16;
   const int64_t b = blockIdx.z;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTcTileQ;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTcTile;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTcTileC;
   q += b * Cq * N;
   k += b * Cq * N;
   v += b * C * N;
-  const float* stats_b = stats + b * 2 * N;
-  for (int r = threadIdx.x; r < kTcTileQ; r += kTcThreads) {
-    const int64_t i = i0 + r;
-    row_max[r] = i < N ? stats_b[i] : 0.f;
-    row_inv[r] = i < N ? stats_b[N + i] : 0.f;
-  }  // read only after score_tile's barriers
+  stage_tile(q, Cq, N, 0, static_cast<int>(cq16), i0, qs, vec);
 
-  // Warp w accumulates query rows 16 (w % 4) .. +16, channels 64 (w / 4) .. +64.
-  const int warp = threadIdx.x / 32;
-  const int rb = warp % 4, cb = (warp / 4) * 4;
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[4];
+  float o[kOutTiles][4];
 #pragma unroll
-  for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
-  const int row = threadIdx.x / 4, part = threadIdx.x % 4;
-  const bool row_ok = i0 + row < N;
+  for (int ct = 0; ct < kOutTiles; ++ct)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[ct][e] = 0.f;
+  float row_m[2] = {neg_infinity<float>(), neg_infinity<float>()}, row_l[2] = {0.f, 0.f};
 
-  for (int64_t j0 = 0; j0 < N; j0 += kTcTileK) {
-    score_tile(q, k, Cq, N, i0, j0, qs, ks, ss);
-    {
-      const float m = row_max[row], inv_l = row_inv[row];
-      const float* srow = ss + row * kLdS + part * 16;
-      M* prow = ps + row * kLd16 + part * 16;
-      const int64_t jp = j0 + part * 16;
-#pragma unroll
-      for (int c = 0; c < 16; ++c)
-        store_rounded(prow + c, (row_ok && jp + c < N) ? prob_from_stats(srow[c], m, inv_l) : 0.f);
-    }
-    stage_rows<kTcTileC, kTcTileK>(v, C, N, c0, j0, vs);
+  for (int64_t j0 = 0; j0 < N; j0 += kTcTile) {
+    stage_tile(k, Cq, N, 0, static_cast<int>(cq16), j0, ks, vec);
+    stage_tile(v, C, N, c0, kTcTileC, j0, vs, vec);
     __syncthreads();
+    float s[kScoreTiles][4];
 #pragma unroll
-    for (int kk = 0; kk < kTcTileK / kFrag; ++kk) {
-      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::row_major> a;
-      wmma::load_matrix_sync(a, ps + rb * kFrag * kLd16 + kk * kFrag, kLd16);
+    for (int nt = 0; nt < kScoreTiles; ++nt)
 #pragma unroll
-      for (int f = 0; f < 4; ++f) {
-        // V^T (key x channel) is stored channel-major: a column-major B.
-        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, M, wmma::col_major> bv;
-        wmma::load_matrix_sync(bv, vs + (cb + f) * kFrag * kLd16 + kk * kFrag, kLd16);
-        wmma::mma_sync(acc[f], a, bv, acc[f]);
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    warp_scores(qs, ks, cq16, row0, s);
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows g and g + 8 of this lane
+      float tile_max = neg_infinity<float>();
+#pragma unroll
+      for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          if (j0 + frag_col(nt, e) >= N) s[nt][e] = neg_infinity<float>();  // keys past the end
+          tile_max = fmaxf(tile_max, s[nt][e]);
+        }
+      tile_max = quad_max(tile_max);
+      const float m_new = online_max(row_m[h], tile_max);  // finite: key j0 < N is in every tile
+      const float alpha = online_rescale(row_m[h], m_new);
+      const float offset = exp_offset(m_new);
+      float tile_sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          s[nt][e] = exp_acc(s[nt][e] - offset);
+          tile_sum += s[nt][e];
+        }
+      const float l_new = online_sum(row_l[h], alpha, quad_sum(tile_sum));
+      float scale = alpha;
+      if (kNormalised) {
+        scale = normalised_rescale(alpha, row_l[h], l_new);
+        const float inv = 1.f / l_new;
+#pragma unroll
+        for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) s[nt][e] *= inv;
+      }
+#pragma unroll
+      for (int ct = 0; ct < kOutTiles; ++ct)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) o[ct][e] *= scale;
+      row_m[h] = m_new;
+      row_l[h] = l_new;
+    }
+    warp_product<M, kOutTiles>(s, vs, o);  // O^T (queries x channels) += P V^T
+    __syncthreads();                       // ks and vs are refilled in the next step
+  }
+
+  const float inv_l[2] = {1.f / row_l[0], 1.f / row_l[1]};
+  if (blockIdx.y == 0 && threadIdx.x % 4 == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = i0 + row0 + frag_row(2 * h);
+      if (i < N) {
+        stats[(b * 2 + 0) * N + i] = row_m[h];
+        stats[(b * 2 + 1) * N + i] = inv_l[h];
       }
     }
-    __syncthreads();  // ps and vs are refilled in the next step
   }
-
-  // The (channel x query) output tile through shared memory, so that the
-  // global stores run along N (coalesced).
+  // The (channel x query) output tile through vs (free after the last barrier),
+  // so that the global stores run along N.
+  uint16_t* stage = reinterpret_cast<uint16_t*>(vs);
 #pragma unroll
-  for (int f = 0; f < 4; ++f)
-    wmma::store_matrix_sync(stage + (cb + f) * kFrag * kLdO + rb * kFrag, acc[f], kLdO, wmma::mem_col_major);
+  for (int ct = 0; ct < kOutTiles; ++ct)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float val = kNormalised ? o[ct][e] : o[ct][e] * inv_l[e >> 1];
+      stage[frag_col(ct, e) * kPitch + row0 + frag_row(e)] = round_bits<M>(val);
+    }
   __syncthreads();
-  T* ob = out + b * C * N;
-  for (int e = threadIdx.x; e < kTcTileC * kTcTileQ; e += kTcThreads) {
-    const int c = e / kTcTileQ, i = e % kTcTileQ;
-    const int64_t gc = c0 + c, gi = i0 + i;
-    if (gc < C && gi < N) ob[gc * N + gi] = from_float<T>(stage[c * kLdO + i]);
-  }
+  store_tile(stage, kTcTileC, C, N, c0, i0, out + b * C * N);
 #endif
 }
 
-// Launch geometry (host functions; the emulation calls them too).
-inline LaunchGeometry stats_geometry(int64_t B, int64_t N) {
-  return make_geometry("stats_kernel", ceil_div(N, kTcTileQ), B, 1, kTcThreads);
+// ---- backward -----------------------------------------------------------------
+// Probabilities of a warp's (16 keys x 64 queries) block, from the transposed
+// scores and the queries' saved statistics (0 for keys or queries past N).
+__device__ __forceinline__ void probs_t(float (&s)[kScoreTiles][4], const float* row_max, const float* row_inv,
+                                        int64_t key0, int64_t N) {
+#pragma unroll
+  for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = frag_col(nt, e);
+      const bool ok = key0 + frag_row(e) < N;  // queries past N have row_inv = 0
+      s[nt][e] = ok ? prob_from_stats(s[nt][e], row_max[i], row_inv[i]) : 0.f;
+    }
 }
-inline LaunchGeometry output_geometry(int64_t B, int64_t C, int64_t N) {
-  return make_geometry("output_kernel", ceil_div(N, kTcTileQ), ceil_div(C, kTcTileC), B, kTcThreads,
-                       kOutputBytes);
+
+// The saved statistics (and, if row_d, the row dots D) of the queries
+// i0 .. i0 + 63 into shared memory; 0 past N, where row_inv = 0 zeroes P.
+__device__ __forceinline__ void stage_query_stats(const float* __restrict__ stats_b,
+                                                  const float* __restrict__ dot_b, int64_t N, int64_t i0,
+                                                  float* row_max, float* row_inv, float* row_d) {
+  for (int r = threadIdx.x; r < kTcTile; r += kTcThreads) {
+    const int64_t i = i0 + r;
+    const bool ok = i < N;
+    row_max[r] = ok ? stats_b[i] : 0.f;
+    row_inv[r] = ok ? stats_b[N + i] : 0.f;
+    if (row_d != nullptr) row_d[r] = ok ? dot_b[i] : 0.f;
+  }
+}
+
+// dV. Dynamic shared memory: ks, qs (round16(Cq) rows each), dos (128 rows),
+// then 2 x 64 floats of statistics.
+inline int64_t grad_v_tc_shared_bytes(int64_t Cq) {
+  return (2 * round16(Cq) + kTcTileC) * kRowBytes + 2 * kTcTile * 4;
+}
+
+template <typename M, typename T>
+__global__ void __launch_bounds__(kTcThreads)
+    grad_v_kernel_tc(const M* __restrict__ dout, const M* __restrict__ q, const M* __restrict__ k,
+                     const float* __restrict__ stats, T* __restrict__ dv, int64_t Cq, int64_t C, int64_t N,
+                     bool vec) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  DANET_DYNAMIC_SHARED(unsigned char, smem);
+  const int64_t cq16 = round16(Cq);
+  M* ks = reinterpret_cast<M*>(smem);
+  M* qs = ks + cq16 * kPitch;
+  M* dos = qs + cq16 * kPitch;
+  float* row_max = reinterpret_cast<float*>(dos + kTcTileC * kPitch);
+  float* row_inv = row_max + kTcTile;
+  const int row0 = (threadIdx.x / 32) * 16;
+  const int64_t b = blockIdx.z;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTcTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTcTileC;
+  q += b * Cq * N;
+  k += b * Cq * N;
+  dout += b * C * N;
+  const float* stats_b = stats + b * 2 * N;
+  stage_tile(k, Cq, N, 0, static_cast<int>(cq16), j0, ks, vec);
+
+  float acc[kOutTiles][4];
+#pragma unroll
+  for (int ct = 0; ct < kOutTiles; ++ct)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[ct][e] = 0.f;
+
+  for (int64_t i0 = 0; i0 < N; i0 += kTcTile) {
+    stage_tile(q, Cq, N, 0, static_cast<int>(cq16), i0, qs, vec);
+    stage_tile(dout, C, N, c0, kTcTileC, i0, dos, vec);
+    stage_query_stats(stats_b, nullptr, N, i0, row_max, row_inv, nullptr);
+    __syncthreads();
+    float p[kScoreTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nt][e] = 0.f;
+    warp_scores(ks, qs, cq16, row0, p);  // S^T: this warp's 16 keys x 64 queries
+    probs_t(p, row_max, row_inv, j0 + row0, N);
+    warp_product<M, kOutTiles>(p, dos, acc);  // dV^T (keys x channels) += P^T dO^T
+    __syncthreads();
+  }
+  uint16_t* stage = reinterpret_cast<uint16_t*>(dos);
+#pragma unroll
+  for (int ct = 0; ct < kOutTiles; ++ct)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) stage[frag_col(ct, e) * kPitch + row0 + frag_row(e)] = round_bits<M>(acc[ct][e]);
+  __syncthreads();
+  store_tile(stage, kTcTileC, C, N, c0, j0, dv + b * C * N);
+#endif
+}
+
+// dK and dQ. Dynamic shared memory: ks (kCq16 rows, staged once), vs
+// (round16(C) rows, staged once), qs (kCq16 rows), dos (64 rows), dss (the
+// block's dS^T, 64 rows), then 3 x 64 floats of statistics.
+inline int64_t grad_qk_tc_shared_bytes(int64_t Cq, int64_t C) {
+  return (2 * round16(Cq) + round16(C) + kTcChunkC + kTcTile) * kRowBytes + 3 * kTcTile * 4;
+}
+
+template <typename M, int kCq16>
+__global__ void __launch_bounds__(kTcThreads)
+    grad_qk_kernel_tc(const M* __restrict__ dout, const M* __restrict__ q, const M* __restrict__ k,
+                      const M* __restrict__ v, const float* __restrict__ stats, const float* __restrict__ row_dot,
+                      float* __restrict__ dq_acc, float* __restrict__ dk_acc, int64_t Cq, int64_t C, int64_t N,
+                      bool vec) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  constexpr int kCqTiles = kCq16 / 8;
+  DANET_DYNAMIC_SHARED(unsigned char, smem);
+  const int64_t c16 = round16(C);
+  M* ks = reinterpret_cast<M*>(smem);
+  M* vs = ks + kCq16 * kPitch;
+  M* qs = vs + c16 * kPitch;
+  M* dos = qs + kCq16 * kPitch;
+  M* dss = dos + kTcChunkC * kPitch;
+  float* row_max = reinterpret_cast<float*>(dss + kTcTile * kPitch);
+  float* row_inv = row_max + kTcTile;
+  float* row_d = row_inv + kTcTile;
+  const int row0 = (threadIdx.x / 32) * 16;
+  const int mat = ld_mat(), r = ld_row();
+  const int64_t b = blockIdx.y;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTcTile;
+  q += b * Cq * N;
+  k += b * Cq * N;
+  v += b * C * N;
+  dout += b * C * N;
+  const float* stats_b = stats + b * 2 * N;
+  const float* dot_b = row_dot + b * N;
+  float* dqb = dq_acc + b * Cq * N;
+  float* dkb = dk_acc + b * Cq * N;
+  stage_tile(k, Cq, N, 0, kCq16, j0, ks, vec);
+  stage_tile(v, C, N, 0, static_cast<int>(c16), j0, vs, vec);
+
+  float dk[kCqTiles][4];
+#pragma unroll
+  for (int ct = 0; ct < kCqTiles; ++ct)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[ct][e] = 0.f;
+
+  for (int64_t i0 = 0; i0 < N; i0 += kTcTile) {
+    stage_tile(q, Cq, N, 0, kCq16, i0, qs, vec);
+    stage_query_stats(stats_b, dot_b, N, i0, row_max, row_inv, row_d);
+    __syncthreads();
+    float p[kScoreTiles][4], dp[kScoreTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nt][e] = dp[nt][e] = 0.f;
+    warp_scores(ks, qs, kCq16, row0, p);  // S^T
+    probs_t(p, row_max, row_inv, j0 + row0, N);
+    for (int64_t cc = 0; cc < c16; cc += kTcChunkC) {  // dP^T = V^T dO, 64 channels a step
+      const int64_t depth = c16 - cc < kTcChunkC ? c16 - cc : kTcChunkC;
+      stage_tile(dout, C, N, cc, static_cast<int>(depth), i0, dos, vec);
+      __syncthreads();
+      warp_scores(vs + cc * kPitch, dos, depth, row0, dp);
+      __syncthreads();
+    }
+    // dS^T = P^T (dP^T - D); kept in dp.
+#pragma unroll
+    for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = softmax_grad(p[nt][e], dp[nt][e], row_d[frag_col(nt, e)]);
+    warp_product<M, kCqTiles>(dp, qs, dk);  // dK^T (keys x channels) += dS^T Q^T
+    uint16_t* ds_rows = reinterpret_cast<uint16_t*>(dss);
+#pragma unroll
+    for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds_rows[(row0 + frag_row(e)) * kPitch + frag_col(nt, e)] = round_bits<M>(dp[nt][e]);
+    __syncthreads();
+    // dQ^T (this warp's 16 queries x channels) = dS K^T over the block's 64 keys.
+    float dq[kCqTiles][4];
+#pragma unroll
+    for (int ct = 0; ct < kCqTiles; ++ct)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dq[ct][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kTcTile / 16; ++kk) {
+      uint32_t a[4];  // dS (queries x keys) from dS^T's rows: a column-major A
+      ldmatrix<4, true>(a, dss + (kk * 16 + (mat >> 1) * 8 + r) * kPitch + row0 + (mat & 1) * 8);
+#pragma unroll
+      for (int ct = 0; ct < kCqTiles; ct += 2) {
+        uint32_t bf[4];  // K^T (keys x channels): row c of ks holds column c
+        ldmatrix<4, false>(bf, ks + (ct * 8 + (mat >> 1) * 8 + r) * kPitch + kk * 16 + (mat & 1) * 8);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma_m16n8k16<M>(dq[ct], a, b0);
+        mma_m16n8k16<M>(dq[ct + 1], a, b1);
+      }
+    }
+#pragma unroll
+    for (int ct = 0; ct < kCqTiles; ++ct)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t c = frag_col(ct, e), i = i0 + row0 + frag_row(e);
+        if (c < Cq && i < N) atomicAdd(&dqb[c * N + i], dq[ct][e]);
+      }
+    __syncthreads();  // qs and dss are refilled in the next step
+  }
+#pragma unroll
+  for (int ct = 0; ct < kCqTiles; ++ct)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t c = frag_col(ct, e), j = j0 + row0 + frag_row(e);
+      if (c < Cq && j < N) dkb[c * N + j] = dk[ct][e];  // the block owns these keys
+    }
+#endif
+}
+
+// ---- geometry and launch sequences ----------------------------------------------
+inline LaunchGeometry forward_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N) {
+  return make_geometry("forward_kernel_tc", ceil_div(N, kTcTile), std::max<int64_t>(1, ceil_div(C, kTcTileC)), B,
+                       kTcThreads, forward_tc_shared_bytes(Cq));
+}
+inline LaunchGeometry grad_v_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N) {
+  return make_geometry("grad_v_kernel_tc", ceil_div(N, kTcTile), ceil_div(C, kTcTileC), B, kTcThreads,
+                       grad_v_tc_shared_bytes(Cq));
+}
+inline LaunchGeometry grad_qk_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N) {
+  return make_geometry("grad_qk_kernel_tc", ceil_div(N, kTcTile), B, 1, kTcThreads, grad_qk_tc_shared_bytes(Cq, C));
+}
+
+inline bool tensor_core_forward_fits(int64_t Cq) { return Cq >= 1 && Cq <= kTcMaxCqForward; }
+inline bool tensor_core_backward_fits(int64_t Cq, int64_t C) {
+  return Cq >= 1 && Cq <= kTcMaxCqBackward && C <= kTcMaxCBackward;
+}
+
+// 16-byte staging copies: rows of N elements start 16-byte aligned.
+inline bool vector_staging(int64_t N, std::initializer_list<const void*> ptrs) {
+  if (N % 8 != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 // The tensor-core forward on raw pointers: q, k (B, Cq, N), v (B, C, N) as the
 // 16-bit MMA type M; out (B, C, N) of T (c10::Half / c10::BFloat16, same bits
-// as M); stats (B, 2, N) float32. B and N non-zero. The caller checks that the
-// device has compute capability 8.0 or newer.
+// as M); stats (B, 2, N) float32. B and N non-zero, tensor_core_forward_fits(Cq).
 template <typename M, typename T>
 void position_attention_forward_tensor_cores_launch(const M* q, const M* k, const M* v, T* out, float* stats,
                                                     int64_t B, int64_t Cq, int64_t C, int64_t N,
                                                     cudaStream_t stream) {
-  DANET_LAUNCH(stats_kernel<M>, stats_geometry(B, N), stream, q, k, stats, Cq, N);
-  if (C == 0) return;
-  auto kernel = output_kernel<M, T>;
-  DANET_LAUNCH(kernel, output_geometry(B, C, N), stream, q, k, v, stats, out, Cq, C, N);
+  const bool vec = vector_staging(N, {q, k, v});
+  auto kernel = forward_kernel_tc<M, T>;
+  DANET_LAUNCH(kernel, forward_tc_geometry(B, Cq, C, N), stream, q, k, v, out, stats, Cq, C, N, vec);
+}
+
+// The tensor-core backward on raw pointers. row_dot (B, N) float32 holds
+// D = sum_c dO O (computed by the caller); dq_acc, dk_acc (B, Cq, N) float32
+// zero-filled; dv (B, C, N) of T. tensor_core_backward_fits(Cq, C).
+template <typename M, typename T>
+void position_attention_backward_tensor_cores_launch(const M* grad_out, const M* q, const M* k, const M* v,
+                                                     const float* stats, const float* row_dot, float* dq_acc,
+                                                     float* dk_acc, T* dv, int64_t B, int64_t Cq, int64_t C,
+                                                     int64_t N, cudaStream_t stream) {
+  const bool vec = vector_staging(N, {grad_out, q, k, v});
+  const auto geometry = grad_qk_tc_geometry(B, Cq, C, N);
+  switch (round16(Cq)) {
+    case 16: { auto kernel = grad_qk_kernel_tc<M, 16>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
+    case 32: { auto kernel = grad_qk_kernel_tc<M, 32>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
+    case 48: { auto kernel = grad_qk_kernel_tc<M, 48>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
+    case 64: { auto kernel = grad_qk_kernel_tc<M, 64>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
+    default: TORCH_CHECK(false, "danet_ext: the tensor-core backward takes 1 to ", kTcMaxCqBackward, " query/key channels, got ", Cq);
+  }
+  if (C > 0) {
+    auto kernel = grad_v_kernel_tc<M, T>;
+    DANET_LAUNCH(kernel, grad_v_tc_geometry(B, Cq, C, N), stream, grad_out, q, k, stats, dv, Cq, C, N, vec);
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "launch.cuh"
+#include "mma_sm80.cuh"
 
 namespace danet_selftest {
 
@@ -100,6 +101,37 @@ __global__ void wmma_kernel(const M* a, const M* b, float* c) {
   } else {
     wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
   }
+}
+
+// One warp, mma.sync m16n8k16 through ldmatrix: D (16 x 8 float, row-major) =
+// A B, with A (16 x 16) row-major and B given as B^T (8 x 16, row n holds
+// column n), the way the kernels stage their operands. kSwapped exchanges
+// a[1] and a[2] (rows 8-15 and columns 8-15 of A mixed up): a layout error the
+// emulation must turn into wrong results. kOffset shifts the row addresses by
+// kOffset bytes; kGlobal points ldmatrix at global memory.
+template <typename M, bool kSwapped, int kOffset = 0, bool kGlobal = false>
+__global__ void mma_tile_kernel(const M* a, const M* bt, float* d) {
+  DANET_SHARED_ALIGNED(128, M, as, [16 * 24]);  // rows of 24 elements (48 bytes)
+  DANET_SHARED_ALIGNED(128, M, bs, [8 * 24]);
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 256; e += 32) as[(e / 16) * 24 + e % 16] = a[e];
+  for (int e = lane; e < 128; e += 32) bs[(e / 16) * 24 + e % 16] = bt[e];
+  __syncthreads();
+  const int mat = lane / 8, r = lane % 8;
+  uint32_t af[4], bf[2];
+  const M* arow = as + ((mat & 1) * 8 + r) * 24 + (mat >> 1) * 8;
+  if (kGlobal) arow = a + ((mat & 1) * 8 + r) * 16 + (mat >> 1) * 8;
+  danet::cuda::ldmatrix<4, false>(af, reinterpret_cast<const char*>(arow) + kOffset);
+  danet::cuda::ldmatrix<2, false>(bf, bs + r * 24 + (mat & 1) * 8);  // lanes 16-31 repeat 0-15
+  if (kSwapped) {
+    const uint32_t t = af[1];
+    af[1] = af[2];
+    af[2] = t;
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  danet::cuda::mma_m16n8k16<M>(acc, af, bf);
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) d[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = acc[e];
 }
 
 // A WMMA load from a pointer that is not 32-byte aligned.

@@ -36,8 +36,16 @@
 //   * float16 / bfloat16 are c10::Half / c10::BFloat16, whose float
 //     conversions round to nearest even, as the device's __float2half_rn /
 //     __float2bfloat16_rn do.
-// Not provided (yet): inline PTX (mma.sync, ldmatrix, cp.async), cooperative
-// groups, dynamic parallelism; code using them does not compile here.
+//   * mma.sync m16n8k16 (float16/bfloat16 in, float32 accumulators) and
+//     ldmatrix m8n8 (x1/x2/x4, with and without .trans), as the kernels reach
+//     them through csrc/cuda/mma_sm80.cuh: warp collectives that place every
+//     element exactly where the PTX ISA's fragment tables put it (the lane
+//     layout is fixed by the ISA, unlike WMMA's), so a kernel that assumes a
+//     wrong layout computes wrong results here as on the device. ldmatrix
+//     checks that each row address is 16-byte aligned and lies in the block's
+//     shared memory.
+// Not provided (yet): other inline PTX (cp.async, wgmma), cooperative groups,
+// dynamic parallelism; code using them does not compile here.
 #pragma once
 
 #include <algorithm>
@@ -79,6 +87,9 @@
 
 struct uint3 {
   unsigned x, y, z;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
 };
 struct dim3 {
   unsigned x, y, z;
@@ -150,6 +161,7 @@ struct Block {
   // shared memory
   std::mutex shm_m;
   std::map<std::string, void*> statics;
+  std::vector<std::pair<const char*, size_t>> shared_ranges;  // [start, start + bytes): every shared allocation
   size_t static_bytes = 0;
   void* dynamic = nullptr;
   size_t dynamic_bytes = 0;
@@ -368,10 +380,24 @@ inline void* static_shared(const char* file, int line, const char* name, size_t 
   std::memset(p, 0xFF, bytes);  // poison: NaN in float32, float16, bfloat16
   b.static_bytes += bytes;
   b.statics.emplace(key, p);
+  b.shared_ranges.emplace_back(static_cast<const char*>(p), bytes);
   return p;
 }
 
 inline void* dynamic_shared() { return tls.block->dynamic; }
+
+// Whether [p, p + bytes) lies inside one shared allocation of the caller's block.
+inline bool in_shared(const void* p, size_t bytes) {
+  Block& b = *tls.block;
+  const char* c = static_cast<const char*>(p);
+  std::lock_guard<std::mutex> l(b.shm_m);
+  if (b.dynamic && c >= static_cast<const char*>(b.dynamic) &&
+      c + bytes <= static_cast<const char*>(b.dynamic) + b.dynamic_bytes)
+    return true;
+  for (const auto& r : b.shared_ranges)
+    if (c >= r.first && c + bytes <= r.first + r.second) return true;
+  return false;
+}
 
 // ---- kernel attributes -----------------------------------------------------
 inline std::mutex& attr_mutex() {
@@ -648,6 +674,8 @@ using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 inline __half __float2half_rn(float v) { return __half(v); }
 inline float __half2float(__half v) { return static_cast<float>(v); }
+inline unsigned short __half_as_ushort(__half v) { return v.x; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.x; }
 inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
 inline float __bfloat162float(__nv_bfloat16 v) { return static_cast<float>(v); }
 inline float __expf(float x) { return std::exp(x); }
@@ -799,6 +827,112 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, TD>& d, const fragment<ma
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- PTX mma.sync m16n8k16 and ldmatrix (csrc/cuda/mma_sm80.cuh) ------------
+// Lane = 4 g + t. Fragment tables of the PTX ISA ("Matrix fragments for
+// mma.m16n8k16 with floating point type"), two 16-bit values per register, the
+// first in the low half:
+//   A 16x16: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//   B 16x8:  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
+//   C/D 16x8 float: c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]
+// ldmatrix m8n8.b16: lanes 8i..8i+7 give the row addresses of matrix i; lane L
+// receives in register i row L/4, columns 2(L%4)..+1 of matrix i, or with
+// .trans rows 2(L%4)..+1 of column L/4.
+namespace danet_emu {
+namespace ptx {
+
+template <typename M>
+inline float from_bits(uint16_t bits) {
+  return static_cast<float>(M(bits, typename M::from_bits_t{}));
+}
+inline uint16_t lo16(uint32_t r) { return static_cast<uint16_t>(r & 0xFFFFu); }
+inline uint16_t hi16(uint32_t r) { return static_cast<uint16_t>(r >> 16); }
+
+struct MmaArg {
+  float* d;
+  const uint32_t* a;
+  const uint32_t* b;
+};
+
+template <typename M>
+void complete_mma(void** args, unsigned) {
+  float A[16][16], B[16][8], D[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const auto* x = static_cast<MmaArg*>(args[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      auto half = [&](uint32_t r) { return from_bits<M>(h ? hi16(r) : lo16(r)); };
+      A[g][2 * t + h] = half(x->a[0]);
+      A[g + 8][2 * t + h] = half(x->a[1]);
+      A[g][2 * t + 8 + h] = half(x->a[2]);
+      A[g + 8][2 * t + 8 + h] = half(x->a[3]);
+      B[2 * t + h][g] = half(x->b[0]);
+      B[2 * t + 8 + h][g] = half(x->b[1]);
+      D[g][2 * t + h] = x->d[h];
+      D[g + 8][2 * t + h] = x->d[2 + h];
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      float acc = D[r][c];
+      for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][c];  // 16-bit products are exact in float
+      D[r][c] = acc;
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    auto* x = static_cast<MmaArg*>(args[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      x->d[h] = D[g][2 * t + h];
+      x->d[2 + h] = D[g + 8][2 * t + h];
+    }
+  }
+}
+
+// d += a b; M is __half (c10::Half) or __nv_bfloat16 (c10::BFloat16).
+template <typename M>
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b) {
+  MmaArg arg{d, a, b};
+  warp_collective(0xffffffffu, "mma.sync.m16n8k16", &arg, complete_mma<M>);
+}
+
+struct LdArg {
+  const void* addr;
+  uint32_t* regs;
+};
+
+template <int kCount, bool kTrans>
+void complete_ldmatrix(void** args, unsigned) {
+  const uint16_t* rows[kCount][8];
+  for (int i = 0; i < kCount; ++i)
+    for (int r = 0; r < 8; ++r) {
+      const int lane = 8 * i + r;
+      const void* p = static_cast<LdArg*>(args[lane])->addr;
+      if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        fail_here("ldmatrix: lane " + std::to_string(lane) + "'s row address is not 16-byte aligned");
+      if (!in_shared(p, 16))
+        fail_here("ldmatrix: lane " + std::to_string(lane) + "'s row address is outside the block's shared memory");
+      rows[i][r] = static_cast<const uint16_t*>(p);
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    uint32_t* regs = static_cast<LdArg*>(args[lane])->regs;
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < kCount; ++i) {
+      const uint16_t lo = kTrans ? rows[i][2 * t][g] : rows[i][g][2 * t];
+      const uint16_t hi = kTrans ? rows[i][2 * t + 1][g] : rows[i][g][2 * t + 1];
+      regs[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
+template <int kCount, bool kTrans>
+inline void ldmatrix(uint32_t* regs, const void* addr) {
+  static_assert(kCount == 1 || kCount == 2 || kCount == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  LdArg arg{addr, regs};
+  warp_collective(0xffffffffu, kTrans ? "ldmatrix.trans" : "ldmatrix", &arg, complete_ldmatrix<kCount, kTrans>);
+}
+
+}  // namespace ptx
+}  // namespace danet_emu
 
 // Static __shared__ arrays, through DANET_SHARED in the kernels: per-block
 // storage of the exact size, poisoned, shared by the block's threads.

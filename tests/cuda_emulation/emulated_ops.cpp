@@ -25,6 +25,21 @@ void dispatch(at::ScalarType st, F&& f) {
   }
 }
 
+// float16 / bfloat16 with their MMA types (the same types in the emulation).
+template <typename F>
+void dispatch16(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kHalf: f(c10::Half{}, __half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}, __nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "the tensor-core kernels take float16/bfloat16; got ", st);
+  }
+}
+
+template <typename M>
+const M* as_mma(const Tensor& t) {
+  return reinterpret_cast<const M*>(t.data_ptr());
+}
+
 void check_cpu(const Tensor& t) { TORCH_CHECK(t.device().is_cpu(), "emulated kernels take CPU tensors"); }
 
 std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, const Tensor& value,
@@ -37,21 +52,15 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
   Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {out, stats};
   if (tensor_cores) {
-    const auto st = v.scalar_type();
-    TORCH_CHECK(st == at::kHalf || st == at::kBFloat16, "the tensor-core forward takes float16/bfloat16");
-    if (st == at::kHalf) {
-      danet::cuda::position_attention_forward_tensor_cores_launch<__half, c10::Half>(
-          reinterpret_cast<const __half*>(q.data_ptr<c10::Half>()),
-          reinterpret_cast<const __half*>(k.data_ptr<c10::Half>()),
-          reinterpret_cast<const __half*>(v.data_ptr<c10::Half>()), out.data_ptr<c10::Half>(),
-          stats.data_ptr<float>(), B, Cq, C, N, nullptr);
-    } else {
-      danet::cuda::position_attention_forward_tensor_cores_launch<__nv_bfloat16, c10::BFloat16>(
-          reinterpret_cast<const __nv_bfloat16*>(q.data_ptr<c10::BFloat16>()),
-          reinterpret_cast<const __nv_bfloat16*>(k.data_ptr<c10::BFloat16>()),
-          reinterpret_cast<const __nv_bfloat16*>(v.data_ptr<c10::BFloat16>()), out.data_ptr<c10::BFloat16>(),
-          stats.data_ptr<float>(), B, Cq, C, N, nullptr);
-    }
+    TORCH_CHECK(danet::cuda::tensor_core_forward_fits(Cq), "the tensor-core forward takes Cq <= ",
+                danet::cuda::kTcMaxCqForward);
+    dispatch16(v.scalar_type(), [&](auto tag, auto mma_tag) {
+      using T = decltype(tag);
+      using M = decltype(mma_tag);
+      danet::cuda::position_attention_forward_tensor_cores_launch<M, T>(
+          as_mma<M>(q), as_mma<M>(k), as_mma<M>(v), out.data_ptr<T>(), stats.data_ptr<float>(), B, Cq, C, N,
+          nullptr);
+    });
     return {out, stats};
   }
   dispatch(v.scalar_type(), [&](auto tag) {
@@ -65,7 +74,7 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
 
 std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                 const Tensor& value, const Tensor& out,
-                                                const Tensor& softmax_stats) {
+                                                const Tensor& softmax_stats, bool tensor_cores) {
   check_cpu(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1);
   const int64_t N = value.size(2) * value.size(3);
@@ -77,6 +86,21 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
   Tensor dv = at::zeros(v.sizes(), v.options());
   if (B == 0 || N == 0) return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
   Tensor row_dot = at::empty({B, N}, stats.options());
+  if (tensor_cores) {
+    TORCH_CHECK(danet::cuda::tensor_core_backward_fits(Cq, C), "the tensor-core backward takes Cq <= ",
+                danet::cuda::kTcMaxCqBackward, " and C <= ", danet::cuda::kTcMaxCBackward);
+    dispatch16(v.scalar_type(), [&](auto tag, auto mma_tag) {
+      using T = decltype(tag);
+      using M = decltype(mma_tag);
+      danet::cuda::position_attention_row_dot_launch<T>(go.data_ptr<T>(), o.data_ptr<T>(), row_dot.data_ptr<float>(),
+                                                        B, C, N, nullptr);
+      danet::cuda::position_attention_backward_tensor_cores_launch<M, T>(
+          as_mma<M>(go), as_mma<M>(q), as_mma<M>(k), as_mma<M>(v), stats.data_ptr<float>(),
+          row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(), dv.data_ptr<T>(), B, Cq,
+          C, N, nullptr);
+    });
+    return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
+  }
   dispatch(v.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     danet::cuda::position_attention_backward_launch<T>(
@@ -159,6 +183,17 @@ Tensor selftest(const std::string& name, const Tensor& in, const Tensor& in2) {
     Tensor a = in.to(at::kHalf).contiguous();
     DANET_LAUNCH(wmma_misaligned_kernel<__half>, one_block("wmma_misaligned_kernel", 32), nullptr,
                  reinterpret_cast<const __half*>(a.data_ptr<c10::Half>()), op);
+  } else if (name.rfind("mma_", 0) == 0 || name.rfind("ldmatrix_", 0) == 0) {
+    // in: A (16 x 16), in2: B^T (8 x 16); out: D = A B (16 x 8) in the first 128 entries
+    Tensor a = in.to(at::kHalf).contiguous(), bt = in2.to(at::kHalf).contiguous();
+    const __half* ap = reinterpret_cast<const __half*>(a.data_ptr<c10::Half>());
+    const __half* bp = reinterpret_cast<const __half*>(bt.data_ptr<c10::Half>());
+    const auto g = one_block("mma_tile_kernel", 32);
+    if (name == "mma_tile") DANET_LAUNCH((mma_tile_kernel<__half, false>), g, nullptr, ap, bp, op);
+    else if (name == "mma_swapped_fragment") DANET_LAUNCH((mma_tile_kernel<__half, true>), g, nullptr, ap, bp, op);
+    else if (name == "ldmatrix_misaligned") DANET_LAUNCH((mma_tile_kernel<__half, false, 4>), g, nullptr, ap, bp, op);
+    else if (name == "ldmatrix_global") DANET_LAUNCH((mma_tile_kernel<__half, false, 0, true>), g, nullptr, ap, bp, op);
+    else TORCH_CHECK(false, "unknown self-test ", name);
   } else if (name == "deadlock") {
     DANET_LAUNCH(shuffle_barrier_deadlock_kernel, one_block("shuffle_barrier_deadlock_kernel", 64), nullptr, ip, op);
   } else if (name == "big_shared") {
@@ -182,7 +217,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "danet_ext's CUDA kernels run on the CPU by the CUDA emulation (tests only)";
   m.def("pam_forward", &pam_forward, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("tensor_cores") = false);
-  m.def("pam_backward", &pam_backward);
+  m.def("pam_backward", &pam_backward, py::arg("grad_out"), py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("out"), py::arg("softmax_stats"), py::arg("tensor_cores") = false);
   m.def("cam_forward", &cam_forward);
   m.def("cam_backward", &cam_backward);
   m.def("selftest", &selftest);

@@ -26,15 +26,17 @@ def grid(emu):
     torch.manual_seed(0)
     # shapes with partial tiles everywhere, kept small: the sanitizers slow the threads 5-20x
     for dtype, tol in [(torch.float32, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 1e-1)]:
-        for B, Cq, C, H, W in [(2, 5, 7, 3, 5), (1, 17, 130, 5, 14)]:
+        for B, Cq, C, H, W in [(2, 5, 7, 3, 5), (1, 17, 130, 5, 14), (1, 8, 24, 4, 4)]:
             q, k, v = (torch.randn(B, c, H, W).to(dtype) for c in (Cq, Cq, C))
             out, stats = emu.pam_forward(q, k, v)
             close(out, reference.position_attention(q.double(), k.double(), v.double()), tol)
             grads = emu.pam_backward(torch.randn_like(v), q, k, v, out, stats)
             assert all(torch.isfinite(g).all() for g in grads)
             if dtype != torch.float32:
-                out_tc, _ = emu.pam_forward(q, k, v, tensor_cores=True)
+                out_tc, stats_tc = emu.pam_forward(q, k, v, tensor_cores=True)
                 close(out_tc, reference.position_attention(q.double(), k.double(), v.double()), tol)
+                grads = emu.pam_backward(torch.randn_like(v), q, k, v, out_tc, stats_tc, tensor_cores=True)
+                assert all(torch.isfinite(g).all() for g in grads)
         x = torch.randn(2, 19, 3, 7).to(dtype)
         out, attn = emu.cam_forward(x)
         close(out, reference.channel_attention(x.double()), tol)

@@ -111,21 +111,28 @@ def test_position_attention_stays_finite_where_the_reference_is(emu, hw):
     torch.testing.assert_close(out / big, expected / big, rtol=1e-5, atol=1e-5)
 
 
-# The tensor-core forward (test_position_attention.py's cases, N reduced where the
-# emulation would take long): odd N, Cq off the 32-channel step, C off the
-# 128-channel block, N = 1, N past one 64-key tile, logits in the thousands.
+# The tensor-core kernels (mma.sync / ldmatrix), forward and backward: odd N
+# (partial query and key tiles, element-wise staging), N % 8 == 0 (16-byte
+# staging), Cq off the 16-channel step, C off the 128-channel block, N = 1,
+# N past one 64-key tile, logits in the thousands. Cq > 64 takes the
+# tensor-core forward and the CUDA-core backward, as on the device.
 TENSOR_CORE_CASES = [(2, 8, 64, (7, 9), 0.5), (1, 64, 128, (9, 15), 0.5), (1, 1, 5, (7, 9), 0.5),
                      (3, 33, 130, (9, 11), 0.5), (1, 100, 300, (5, 13), 0.3), (2, 8, 16, (1, 1), 1.0),
-                     (1, 16, 32, (9, 13), 12.0)]
+                     (1, 16, 32, (9, 13), 12.0), (2, 16, 40, (8, 8), 0.5), (1, 64, 136, (8, 17), 0.5),
+                     (1, 48, 24, (12, 12), 0.5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,Cq,C,HW,scale", TENSOR_CORE_CASES)
-def test_tensor_core_forward(emu, dtype, B, Cq, C, HW, scale):
+def test_tensor_core_kernels(emu, dtype, B, Cq, C, HW, scale):
     q, k, v = make_inputs(B, Cq, C, *HW, dtype, scale)
     truth = reference.position_attention(*(t.double() for t in (q, k, v)))
     out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
     assert out.dtype == dtype and torch.isfinite(out).all()
+    backward_on_tensor_cores = Cq <= 64
+    grad_out = torch.randn_like(v)
+    grads = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=backward_on_tensor_cores)
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
     if scale > 1.0:
         tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
         assert max_err(out, truth) < tol
@@ -134,14 +141,32 @@ def test_tensor_core_forward(emu, dtype, B, Cq, C, HW, scale):
     same = reference.position_attention(q, k, v)
     assert_within_twice_pytorch(out, same, truth, atol=ulps * truth.abs().max().item())
     assert_stats_of_scores(stats, q, k, max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
-    # the backward (CUDA cores) from the tensor-core forward's saved statistics
-    grad_out = torch.randn_like(v)
-    grads = emu.pam_backward(grad_out, q, k, v, out, stats)
     _, truth_grads = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)],
                                      grad_out.double())
     _, same_grads = reference_grads(reference.position_attention, [q, k, v], grad_out)
-    for g, sg, tg in zip(grads, same_grads, truth_grads):
+    for name, g, sg, tg in zip("qkv", grads, same_grads, truth_grads):
         assert_within_twice_pytorch(g, sg, tg, atol=ulps * max(1.0, tg.abs().max().item()))
+
+
+def test_tensor_core_backward_matches_the_cuda_core_backward(emu):
+    """Both backwards from the same saved statistics: the tensor-core one differs
+    only by rounding P and dS to the input dtype before their products."""
+    q, k, v = make_inputs(1, 32, 72, 9, 10, torch.bfloat16, 0.5)
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
+    grad_out = torch.randn_like(v)
+    tc = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True)
+    cc = emu.pam_backward(grad_out, q, k, v, out, stats)
+    for a, b in zip(tc, cc):
+        assert max_err(a, b.double()) <= 3e-2 * b.abs().max().item()
+
+
+def test_tensor_core_limits_are_errors(emu):
+    q, k, v = make_inputs(1, 65, 16, 3, 3, torch.float16)
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)  # the forward takes Cq up to 512
+    with pytest.raises(RuntimeError, match="Cq <= 64"):
+        emu.pam_backward(torch.randn_like(v), q, k, v, out, stats, tensor_cores=True)
+    with pytest.raises(RuntimeError, match="float16/bfloat16"):
+        emu.pam_forward(q.float(), k.float(), v.float(), tensor_cores=True)
 
 
 def check_cam(emu, B, C, H, W, dtype, scale=1.0):
@@ -249,6 +274,24 @@ def test_selftest_uninitialised_shared_read_is_nan(emu):
     assert torch.isnan(out[:128]).all() and torch.isfinite(out[128:]).all()
 
 
+def test_selftest_mma_sync_and_ldmatrix(emu):
+    """mma.sync m16n8k16 fed by ldmatrix with the PTX ISA's lane layout gives A B;
+    exchanging two A registers (rows 8-15 with columns 8-15) gives wrong results."""
+    a, bt = torch.randn(16, 16), torch.randn(8, 16)
+    truth = a.half().float() @ bt.half().float().T
+    torch.testing.assert_close(emu.selftest("mma_tile", a, bt)[:128].view(16, 8), truth, rtol=1e-5, atol=1e-5)
+    assert max_err(emu.selftest("mma_swapped_fragment", a, bt)[:128].view(16, 8), truth) > 0.1
+
+
+@pytest.mark.parametrize("name,message", [
+    ("ldmatrix_misaligned", r"row address is not 16-byte aligned"),
+    ("ldmatrix_global", r"outside the block's shared memory"),
+])
+def test_selftest_ldmatrix_addresses_are_checked(emu, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.selftest(name, torch.randn(16, 16), torch.randn(8, 16))
+
+
 def test_selftest_assumed_fragment_order_gives_wrong_results(emu):
     a, b = torch.randn(16, 16), torch.randn(16, 16)
     truth = a.half().float() @ b.half().float()
@@ -261,10 +304,9 @@ def test_selftest_assumed_fragment_order_gives_wrong_results(emu):
 MUTATIONS = {
     # every barrier of the CUDA-core position attention kernels removed
     "position_attention_kernels.cuh": [("__syncthreads();", "/* barrier removed */;")],
-    # Q^T loaded as a row-major instead of a column-major A (swapped WMMA layout)
+    # the scores' A operand (Q^T, K^T) loaded without .trans: a wrong fragment layout
     "position_attention_tensor_cores_kernels.cuh": [
-        ("wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::col_major> a;",
-         "wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::row_major> a;")],
+        ("ldmatrix<4, true>(af, a + (kc", "ldmatrix<4, false>(af, a + (kc")],
     # the CAM GEMM no longer zero-fills its staging tiles past K
     "channel_attention_kernels.cuh": [("      as[kk][mm] = val;", "      if (gk < K && gm < M) as[kk][mm] = val;")],
 }
@@ -293,11 +335,30 @@ def test_mutant_without_barriers_fails(mutant):
     assert found, "removing the barriers went unnoticed"
 
 
-def test_mutant_with_swapped_wmma_layout_fails(mutant):
+def test_mutant_with_wrong_fragment_layout_fails(mutant):
     q, k, v = make_inputs(1, 33, 130, 9, 11, torch.float16, 0.5)
     found = fails_against_reference(lambda: (mutant.pam_forward(q, k, v, tensor_cores=True)[0],
                                              reference.position_attention(q.double(), k.double(), v.double())))
-    assert found, "swapping a WMMA layout went unnoticed"
+    assert found, "a wrong mma fragment layout went unnoticed"
+
+
+# The tensor-core kernels without their barriers (a separate build: it must fail on its own).
+TENSOR_CORE_BARRIER_MUTATION = {"position_attention_tensor_cores_kernels.cuh": [("__syncthreads();", ";")]}
+
+
+def test_mutant_tensor_cores_without_barriers_fails():
+    mutant = build.load(mutations=TENSOR_CORE_BARRIER_MUTATION)
+    q, k, v = make_inputs(1, 16, 40, 9, 11, torch.bfloat16, 0.5)
+    grad_out = torch.randn_like(v)
+    truth, truth_grads = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)],
+                                         grad_out.double())
+
+    def run():
+        out, stats = mutant.pam_forward(q, k, v, tensor_cores=True)
+        grads = mutant.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True)
+        return torch.cat([out.flatten(), *(g.flatten() for g in grads)]), \
+            torch.cat([truth.flatten(), *(g.flatten() for g in truth_grads)])
+    assert fails_against_reference(run), "removing the tensor-core kernels' barriers went unnoticed"
 
 
 def test_mutant_without_zero_fill_fails(mutant):
