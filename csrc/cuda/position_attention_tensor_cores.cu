@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 
 #include "common.cuh"
 #include "position_attention_tensor_cores.h"
@@ -53,9 +54,14 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               at::Tensor& dv) {
   using M = typename MmaType<T>::type;
   const int64_t B = v.size(0), C = v.size(1), Cq = q.size(1), N = v.size(2) * v.size(3);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = grad_qk_tc_splits(B, N, sms);
+  at::Tensor dk_parts;
+  if (splits > 1) dk_parts = at::empty({splits, B, Cq, N}, dk_acc.options());
   position_attention_backward_tensor_cores_launch<M, T>(
       mma_ptr<T>(grad_out), mma_ptr<T>(q), mma_ptr<T>(k), mma_ptr<T>(v), stats.data_ptr<float>(),
-      row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(), dv.data_ptr<T>(), B, Cq, C, N,
+      row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
+      splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits,
       c10::cuda::getCurrentCUDAStream());
 }
 

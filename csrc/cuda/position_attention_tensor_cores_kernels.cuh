@@ -21,11 +21,12 @@
 //                       O[c0 : c0+128, tile] in registers (64 floats a lane);
 //                       S is recomputed once per channel block (C / 128 times).
 //   grad_v_kernel_tc    grid (key tiles, 128-channel blocks, B): dV^T += P^T dO^T.
-//   grad_qk_kernel_tc   grid (key tiles, B): dP^T = V^T dO (V's tile stays in
-//                       shared memory), dS^T = P^T (dP^T - D), dK^T += dS^T Q^T
-//                       in registers, dQ += dS K through shared memory and
-//                       float32 atomics (not deterministic: the launcher raises
-//                       under torch.use_deterministic_algorithms).
+//   grad_qk_kernel_tc   grid (key tiles, query-range splits, B): dP^T = V^T dO
+//                       (V's tile stays in shared memory), dS^T = P^T (dP^T - D),
+//                       dK^T += dS^T Q^T in registers (one partial sum per split,
+//                       added in a fixed order), dQ += dS K through shared memory
+//                       and float32 atomics (not deterministic: the launcher
+//                       raises under torch.use_deterministic_algorithms).
 //
 // Operands go global -> shared memory (zero-filled past N and past the
 // channel counts; 16-byte copies when N % 8 == 0 and the pointers allow it)
@@ -420,12 +421,15 @@ inline int64_t grad_qk_tc_shared_bytes(int64_t Cq, int64_t C) {
   return (2 * round16(Cq) + round16(C) + kTcChunkC + kTcTile) * kRowBytes + 3 * kTcTile * 4;
 }
 
+// grid (key tiles, splits, B): block (x, s, b) walks the query tiles of split s,
+// queries [s * split_queries, (s + 1) * split_queries), and writes its keys' dK
+// to dk_out[s] (the split's partial sums, added up in a fixed order afterwards).
 template <typename M, int kCq16>
 __global__ void __launch_bounds__(kTcThreads)
     grad_qk_kernel_tc(const M* __restrict__ dout, const M* __restrict__ q, const M* __restrict__ k,
                       const M* __restrict__ v, const float* __restrict__ stats, const float* __restrict__ row_dot,
-                      float* __restrict__ dq_acc, float* __restrict__ dk_acc, int64_t Cq, int64_t C, int64_t N,
-                      bool vec) {
+                      float* __restrict__ dq_acc, float* __restrict__ dk_out, int64_t Cq, int64_t C, int64_t N,
+                      int64_t split_queries, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
@@ -442,8 +446,10 @@ __global__ void __launch_bounds__(kTcThreads)
   float* row_d = row_inv + kTcTile;
   const int row0 = (threadIdx.x / 32) * 16;
   const int mat = ld_mat(), r = ld_row();
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.z;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTcTile;
+  const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * split_queries;
+  const int64_t i_end = i_begin + split_queries < N ? i_begin + split_queries : N;
   q += b * Cq * N;
   k += b * Cq * N;
   v += b * C * N;
@@ -451,7 +457,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const float* stats_b = stats + b * 2 * N;
   const float* dot_b = row_dot + b * N;
   float* dqb = dq_acc + b * Cq * N;
-  float* dkb = dk_acc + b * Cq * N;
+  float* dkb = dk_out + (static_cast<int64_t>(blockIdx.y) * gridDim.z + b) * Cq * N;
   stage_tile(k, Cq, N, 0, kCq16, j0, ks, vec);
   stage_tile(v, C, N, 0, static_cast<int>(c16), j0, vs, vec);
 
@@ -461,7 +467,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[ct][e] = 0.f;
 
-  for (int64_t i0 = 0; i0 < N; i0 += kTcTile) {
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kTcTile) {
     stage_tile(q, Cq, N, 0, kCq16, i0, qs, vec);
     stage_query_stats(stats_b, dot_b, N, i0, row_max, row_inv, row_d);
     __syncthreads();
@@ -529,6 +535,16 @@ __global__ void __launch_bounds__(kTcThreads)
 #endif
 }
 
+// out[e] = sum over s < parts of in[s * total + e], in that order (deterministic).
+__global__ void __launch_bounds__(kThreads)
+    sum_parts_kernel(const float* __restrict__ in, float* __restrict__ out, int64_t parts, int64_t total) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= total) return;
+  float sum = 0.f;
+  for (int64_t s = 0; s < parts; ++s) sum += in[s * total + e];
+  out[e] = sum;
+}
+
 // ---- geometry and launch sequences ----------------------------------------------
 inline LaunchGeometry forward_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N) {
   return make_geometry("forward_kernel_tc", ceil_div(N, kTcTile), std::max<int64_t>(1, ceil_div(C, kTcTileC)), B,
@@ -538,8 +554,24 @@ inline LaunchGeometry grad_v_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64
   return make_geometry("grad_v_kernel_tc", ceil_div(N, kTcTile), ceil_div(C, kTcTileC), B, kTcThreads,
                        grad_v_tc_shared_bytes(Cq));
 }
-inline LaunchGeometry grad_qk_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N) {
-  return make_geometry("grad_qk_kernel_tc", ceil_div(N, kTcTile), B, 1, kTcThreads, grad_qk_tc_shared_bytes(Cq, C));
+// grad_qk_kernel_tc has one block per key tile and image: 64 blocks at N = 4096,
+// B = 1, half an H100. The query range is then split so that the grid holds
+// at most one wave of two blocks per SM (its occupancy: 256 blocks there);
+// each split's dK goes to its own buffer.
+inline int64_t grad_qk_tc_splits(int64_t B, int64_t N, int64_t sm_count) {
+  const int64_t tiles = ceil_div(N, kTcTile);
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * sm_count / (tiles * B)));
+  return ceil_div(tiles, ceil_div(tiles, wanted));  // no empty split
+}
+inline int64_t grad_qk_tc_split_queries(int64_t N, int64_t splits) {
+  return ceil_div(ceil_div(N, kTcTile), splits) * kTcTile;
+}
+inline LaunchGeometry grad_qk_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N, int64_t splits) {
+  return make_geometry("grad_qk_kernel_tc", ceil_div(N, kTcTile), splits, B, kTcThreads,
+                       grad_qk_tc_shared_bytes(Cq, C));
+}
+inline LaunchGeometry sum_parts_geometry(int64_t total) {
+  return make_geometry("sum_parts_kernel", ceil_div(total, kThreads), 1, 1, kThreads);
 }
 
 inline bool tensor_core_forward_fits(int64_t Cq) { return Cq >= 1 && Cq <= kTcMaxCqForward; }
@@ -569,20 +601,39 @@ void position_attention_forward_tensor_cores_launch(const M* q, const M* k, cons
 
 // The tensor-core backward on raw pointers. row_dot (B, N) float32 holds
 // D = sum_c dO O (computed by the caller); dq_acc, dk_acc (B, Cq, N) float32
-// zero-filled; dv (B, C, N) of T. tensor_core_backward_fits(Cq, C).
+// zero-filled; dv (B, C, N) of T; splits from grad_qk_tc_splits(), and for
+// splits > 1 a workspace dk_parts of splits * B * Cq * N floats.
+// tensor_core_backward_fits(Cq, C).
 template <typename M, typename T>
 void position_attention_backward_tensor_cores_launch(const M* grad_out, const M* q, const M* k, const M* v,
                                                      const float* stats, const float* row_dot, float* dq_acc,
-                                                     float* dk_acc, T* dv, int64_t B, int64_t Cq, int64_t C,
-                                                     int64_t N, cudaStream_t stream) {
+                                                     float* dk_acc, float* dk_parts, T* dv, int64_t B, int64_t Cq,
+                                                     int64_t C, int64_t N, int64_t splits, cudaStream_t stream) {
   const bool vec = vector_staging(N, {grad_out, q, k, v});
-  const auto geometry = grad_qk_tc_geometry(B, Cq, C, N);
+  const auto geometry = grad_qk_tc_geometry(B, Cq, C, N, splits);
+  const int64_t split_queries = grad_qk_tc_split_queries(N, splits);
+  float* dk_out = splits > 1 ? dk_parts : dk_acc;
+  TORCH_CHECK(dk_out != nullptr, "danet_ext: the tensor-core backward needs a dK workspace for ", splits, " splits");
+#define DANET_GRAD_QK_CASE(CQ16)                                                                                 \
+  case CQ16: {                                                                                                   \
+    auto kernel = grad_qk_kernel_tc<M, CQ16>;                                                                    \
+    DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_out, Cq, C, N,         \
+                 split_queries, vec);                                                                            \
+    break;                                                                                                       \
+  }
   switch (round16(Cq)) {
-    case 16: { auto kernel = grad_qk_kernel_tc<M, 16>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
-    case 32: { auto kernel = grad_qk_kernel_tc<M, 32>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
-    case 48: { auto kernel = grad_qk_kernel_tc<M, 48>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
-    case 64: { auto kernel = grad_qk_kernel_tc<M, 64>; DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, Cq, C, N, vec); break; }
-    default: TORCH_CHECK(false, "danet_ext: the tensor-core backward takes 1 to ", kTcMaxCqBackward, " query/key channels, got ", Cq);
+    DANET_GRAD_QK_CASE(16)
+    DANET_GRAD_QK_CASE(32)
+    DANET_GRAD_QK_CASE(48)
+    DANET_GRAD_QK_CASE(64)
+    default:
+      TORCH_CHECK(false, "danet_ext: the tensor-core backward takes 1 to ", kTcMaxCqBackward,
+                  " query/key channels, got ", Cq);
+  }
+#undef DANET_GRAD_QK_CASE
+  if (splits > 1) {
+    const int64_t total = B * Cq * N;
+    DANET_LAUNCH(sum_parts_kernel, sum_parts_geometry(total), stream, dk_parts, dk_acc, splits, total);
   }
   if (C > 0) {
     auto kernel = grad_v_kernel_tc<M, T>;

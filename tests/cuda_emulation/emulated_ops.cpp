@@ -94,10 +94,13 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
       using M = decltype(mma_tag);
       danet::cuda::position_attention_row_dot_launch<T>(go.data_ptr<T>(), o.data_ptr<T>(), row_dot.data_ptr<float>(),
                                                         B, C, N, nullptr);
+      // the split of the query range an H100 (132 SMs) would get
+      const int64_t splits = danet::cuda::grad_qk_tc_splits(B, N, 132);
+      Tensor dk_parts = splits > 1 ? at::empty({splits, B, Cq, N}, dk_acc.options()) : Tensor();
       danet::cuda::position_attention_backward_tensor_cores_launch<M, T>(
           as_mma<M>(go), as_mma<M>(q), as_mma<M>(k), as_mma<M>(v), stats.data_ptr<float>(),
-          row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(), dv.data_ptr<T>(), B, Cq,
-          C, N, nullptr);
+          row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
+          splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, nullptr);
     });
     return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
   }
@@ -222,5 +225,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cam_forward", &cam_forward);
   m.def("cam_backward", &cam_backward);
   m.def("selftest", &selftest);
+  m.def("grad_qk_splits", &danet::cuda::grad_qk_tc_splits, py::arg("B"), py::arg("N"), py::arg("sm_count"));
   m.def("set_timeout", &set_timeout);
 }

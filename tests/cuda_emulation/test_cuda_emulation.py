@@ -160,6 +160,17 @@ def test_tensor_core_backward_matches_the_cuda_core_backward(emu):
         assert max_err(a, b.double()) <= 3e-2 * b.abs().max().item()
 
 
+def test_tensor_core_backward_fills_the_gpu(emu):
+    """grad_qk_kernel_tc splits the query range where one block per key tile would
+    leave SMs idle: about two blocks per SM on an H100 (132 SMs) at B = 1, N = 4096,
+    (at most one wave at its occupancy), no split when the images already fill it;
+    the test grid above runs split and unsplit launches (N = 99 with B = 2 splits in two)."""
+    assert 132 <= 64 * emu.grad_qk_splits(1, 4096, 132) <= 2 * 132
+    assert emu.grad_qk_splits(8, 32768, 132) == 1
+    assert emu.grad_qk_splits(1, 1, 132) == 1
+    assert emu.grad_qk_splits(2, 99, 132) == 2
+
+
 def test_tensor_core_limits_are_errors(emu):
     q, k, v = make_inputs(1, 65, 16, 3, 3, torch.float16)
     out, stats = emu.pam_forward(q, k, v, tensor_cores=True)  # the forward takes Cq up to 512
