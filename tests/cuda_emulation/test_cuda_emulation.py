@@ -1,7 +1,8 @@
 """The CUDA kernels, run on the CPU by the CUDA emulation (cuda_emulation.h),
 against the pure-PyTorch reference with the CUDA tests' tolerances; the
 emulation's self-tests (broken kernels must be reported); mutated kernels
-(barriers removed, WMMA layout swapped, zero-fill removed) must fail; the
+(barriers removed, WMMA layout swapped, block reductions of the CAM row kernels
+skipped) must fail; the
 AddressSanitizer and ThreadSanitizer builds on a smaller grid.
 
 Run with `make test-cuda-emulated` (collected only when DANET_EXT_CUDA_EMULATION=1).
@@ -265,8 +266,11 @@ MUTATIONS = {
     "position_attention_tensor_cores_kernels.cuh": [
         ("wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::col_major> a;",
          "wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, M, wmma::row_major> a;")],
-    # the CAM GEMM no longer zero-fills its staging tiles past K
-    "channel_attention_kernels.cuh": [("      as[kk][mm] = val;", "      if (gk < K && gm < M) as[kk][mm] = val;")],
+    # the CAM row kernels skip their block reductions: each thread shifts the softmax by
+    # its own partial row minimum, and the backward uses each thread's partial dot product
+    "channel_attention_kernels.cuh": [
+        ("  m = block_min(m, scratch);\n", "  /* row minimum not reduced over the block */\n"),
+        ("  dot = block_sum(dot, scratch);\n", "  /* dot product not reduced over the block */\n")],
 }
 
 
@@ -300,10 +304,15 @@ def test_mutant_with_swapped_wmma_layout_fails(mutant):
     assert found, "swapping a WMMA layout went unnoticed"
 
 
-def test_mutant_without_zero_fill_fails(mutant):
-    x = torch.randn(1, 20, 3, 5)  # N = 15: the K tile is partly past the end
+def test_mutant_without_row_reductions_fails(emu, mutant):
+    x = torch.randn(1, 20, 3, 5)
     found = fails_against_reference(lambda: (mutant.cam_forward(x)[0], reference.channel_attention(x.double())))
-    assert found, "removing the zero-fill went unnoticed"
+    assert found, "the forward's per-thread row minimum went unnoticed"
+    # the backward from the correct attention, so that only its own kernel is broken
+    grad_out = torch.randn_like(x)
+    _, (truth,) = reference_grads(reference.channel_attention, [x.double()], grad_out.double())
+    found = fails_against_reference(lambda: (mutant.cam_backward(grad_out, x, emu.cam_forward(x)[1]), truth))
+    assert found, "the backward's per-thread dot product went unnoticed"
 
 
 # ---- AddressSanitizer and ThreadSanitizer builds ----------------------------
