@@ -175,6 +175,37 @@ def test_channel_attention_more_channels_and_large_values(emu):
     assert max_err(out, truth) <= 1e-4 * truth.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_channel_attention_keeps_gram_matrix_in_float32(emu, dtype):
+    # post-ReLU features: E in the hundreds to thousands, where float16 steps by 0.5
+    # and bfloat16 by 4; softmax(-E) turns such steps into relative errors of that size
+    torch.manual_seed(0)
+    x = (torch.relu(torch.randn(1, 64, 10, 20, dtype=torch.float64)) * 4).to(dtype)
+    E = torch.einsum("bcn,bdn->bcd", x.flatten(2).double(), x.flatten(2).double())
+    assert E.max() > 1000
+    truth = torch.softmax(-E, -1)
+    _, attn = emu.cam_forward(x)
+    assert attn.dtype == torch.float32
+    torch.testing.assert_close(attn.double(), truth, rtol=1e-4, atol=1e-7)
+    # the tolerance tells them apart: E rounded to the input dtype fails it
+    rounded = torch.softmax(-E.to(dtype).double(), -1)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(rounded, truth, rtol=1e-4, atol=1e-7)
+
+
+def test_channel_attention_ignores_autocast(emu):
+    # the op fixes its own precision; CPU autocast would run at::bmm in bfloat16
+    x, grad_out = torch.randn(2, 12, 5, 7), torch.randn(2, 12, 5, 7)
+    out, attn = emu.cam_forward(x)
+    grad = emu.cam_backward(grad_out, x, attn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, attn_ac = emu.cam_forward(x)
+        grad_ac = emu.cam_backward(grad_out, x, attn_ac)
+    for ours, plain in [(out_ac, out), (attn_ac, attn), (grad_ac, grad)]:
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-7)
+
+
 def test_launch_geometry_limits(emu):
     q = torch.randn(65536, 1, 1, 1)
     with pytest.raises(RuntimeError, match="grid.z"):
