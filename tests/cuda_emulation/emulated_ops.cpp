@@ -1,11 +1,13 @@
 // The CUDA kernels of csrc/cuda, compiled by the host compiler against the
 // CUDA emulation (cuda_emulation.h), exposed to Python on CPU tensors.
-// The tensor handling mirrors the ATen launchers in csrc/cuda/*.cu; the
-// kernels, their geometry and their launch sequences are the same source
-// (the *_kernels.cuh headers). Built by tests/cuda_emulation/build.py.
+// The tensor handling of position attention mirrors the ATen launchers in
+// csrc/cuda/*.cu; the kernels, their geometry and their launch sequences are
+// the same source (the *_kernels.cuh headers). Channel attention runs the
+// device build's own tensor-level sequence (channel_attention_sequence.cuh).
+// Built by tests/cuda_emulation/build.py.
 #include <torch/extension.h>
 
-#include "channel_attention_kernels.cuh"
+#include "channel_attention_sequence.cuh"
 #include "position_attention_kernels.cuh"
 #include "position_attention_tensor_cores_kernels.cuh"
 
@@ -114,38 +116,24 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
   return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
 }
 
-std::tuple<Tensor, Tensor> cam_forward(const Tensor& x_in) {
-  check_cpu(x_in);
-  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
-  Tensor x = x_in.contiguous();
-  Tensor out = at::empty(x.sizes(), x.options());
-  Tensor attn = at::empty({B, C, C}, x.options().dtype(at::kFloat));
-  if (B == 0 || C == 0) return {out, attn};
-  dispatch(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    danet::cuda::channel_attention_forward_launch<T>(x.data_ptr<T>(), out.data_ptr<T>(), attn.data_ptr<float>(),
-                                                     B, C, N, nullptr);
-  });
-  return {out, attn};
+// The channel attention sequence itself (products through ATen, here on the
+// CPU; softmax kernels emulated): channel_attention_sequence.cuh.
+void check_cam_dtype(const Tensor& x) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "emulated kernels take float32, float16, bfloat16; `x` is ", st);
 }
 
-Tensor cam_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& attention) {
-  check_cpu(x_in);
-  const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
-  Tensor x = x_in.contiguous();
-  Tensor go = grad_out.contiguous();
-  Tensor attn = attention.to(at::kFloat).contiguous();
-  Tensor dx = at::zeros(x.sizes(), x.options().dtype(at::kFloat));
-  if (B == 0 || C == 0 || N == 0) return dx.to(x.scalar_type());
-  Tensor grad_e = at::empty({B, C, C}, attn.options());
-  Tensor grad_sym = at::empty({B, C, C}, attn.options());
-  dispatch(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    danet::cuda::channel_attention_backward_launch<T>(go.data_ptr<T>(), x.data_ptr<T>(), attn.data_ptr<float>(),
-                                                      grad_e.data_ptr<float>(), grad_sym.data_ptr<float>(),
-                                                      dx.data_ptr<float>(), B, C, N, nullptr);
-  });
-  return dx.to(x.scalar_type());
+std::tuple<Tensor, Tensor> cam_forward(const Tensor& x) {
+  check_cpu(x);
+  check_cam_dtype(x);
+  return danet::cuda::channel_attention_forward(x, nullptr);
+}
+
+Tensor cam_backward(const Tensor& grad_out, const Tensor& x, const Tensor& attention) {
+  check_cpu(x);
+  check_cam_dtype(x);
+  return danet::cuda::channel_attention_backward(grad_out, x, attention, nullptr);
 }
 
 // Self-tests: runs a broken (or correct twin) kernel; returns its output.

@@ -1,7 +1,8 @@
 """The CUDA kernels, run on the CPU by the CUDA emulation (cuda_emulation.h),
 against the pure-PyTorch reference with the CUDA tests' tolerances; the
 emulation's self-tests (broken kernels must be reported); mutated kernels
-(barriers removed, WMMA layout swapped, zero-fill removed) must fail; the
+(barriers removed, WMMA layout swapped, block reductions of the CAM row kernels
+skipped) must fail; the
 AddressSanitizer and ThreadSanitizer builds on a smaller grid.
 
 Run with `make test-cuda-emulated` (collected only when DANET_EXT_CUDA_EMULATION=1).
@@ -210,6 +211,37 @@ def test_channel_attention_more_channels_and_large_values(emu):
     assert max_err(out, truth) <= 1e-4 * truth.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_channel_attention_keeps_gram_matrix_in_float32(emu, dtype):
+    # post-ReLU features: E in the hundreds to thousands, where float16 steps by 0.5
+    # and bfloat16 by 4; softmax(-E) turns such steps into relative errors of that size
+    torch.manual_seed(0)
+    x = (torch.relu(torch.randn(1, 64, 10, 20, dtype=torch.float64)) * 4).to(dtype)
+    E = torch.einsum("bcn,bdn->bcd", x.flatten(2).double(), x.flatten(2).double())
+    assert E.max() > 1000
+    truth = torch.softmax(-E, -1)
+    _, attn = emu.cam_forward(x)
+    assert attn.dtype == torch.float32
+    torch.testing.assert_close(attn.double(), truth, rtol=1e-4, atol=1e-7)
+    # the tolerance tells them apart: E rounded to the input dtype fails it
+    rounded = torch.softmax(-E.to(dtype).double(), -1)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(rounded, truth, rtol=1e-4, atol=1e-7)
+
+
+def test_channel_attention_ignores_autocast(emu):
+    # the op fixes its own precision; CPU autocast would run at::bmm in bfloat16
+    x, grad_out = torch.randn(2, 12, 5, 7), torch.randn(2, 12, 5, 7)
+    out, attn = emu.cam_forward(x)
+    grad = emu.cam_backward(grad_out, x, attn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, attn_ac = emu.cam_forward(x)
+        grad_ac = emu.cam_backward(grad_out, x, attn_ac)
+    for ours, plain in [(out_ac, out), (attn_ac, attn), (grad_ac, grad)]:
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-7)
+
+
 def test_launch_geometry_limits(emu):
     q = torch.randn(65536, 1, 1, 1)
     with pytest.raises(RuntimeError, match="grid.z"):
@@ -318,8 +350,11 @@ MUTATIONS = {
     # the scores' A operand (Q^T, K^T) loaded without .trans: a wrong fragment layout
     "position_attention_tensor_cores_kernels.cuh": [
         ("ldmatrix<4, true>(af, a + (kc", "ldmatrix<4, false>(af, a + (kc")],
-    # the CAM GEMM no longer zero-fills its staging tiles past K
-    "channel_attention_kernels.cuh": [("      as[kk][mm] = val;", "      if (gk < K && gm < M) as[kk][mm] = val;")],
+    # the CAM row kernels skip their block reductions: each thread shifts the softmax by
+    # its own partial row minimum, and the backward uses each thread's partial dot product
+    "channel_attention_kernels.cuh": [
+        ("  m = block_min(m, scratch);\n", "  /* row minimum not reduced over the block */\n"),
+        ("  dot = block_sum(dot, scratch);\n", "  /* dot product not reduced over the block */\n")],
 }
 
 
@@ -372,10 +407,15 @@ def test_mutant_tensor_cores_without_barriers_fails():
     assert fails_against_reference(run), "removing the tensor-core kernels' barriers went unnoticed"
 
 
-def test_mutant_without_zero_fill_fails(mutant):
-    x = torch.randn(1, 20, 3, 5)  # N = 15: the K tile is partly past the end
+def test_mutant_without_row_reductions_fails(emu, mutant):
+    x = torch.randn(1, 20, 3, 5)
     found = fails_against_reference(lambda: (mutant.cam_forward(x)[0], reference.channel_attention(x.double())))
-    assert found, "removing the zero-fill went unnoticed"
+    assert found, "the forward's per-thread row minimum went unnoticed"
+    # the backward from the correct attention, so that only its own kernel is broken
+    grad_out = torch.randn_like(x)
+    _, (truth,) = reference_grads(reference.channel_attention, [x.double()], grad_out.double())
+    found = fails_against_reference(lambda: (mutant.cam_backward(grad_out, x, emu.cam_forward(x)[1]), truth))
+    assert found, "the backward's per-thread dot product went unnoticed"
 
 
 # ---- AddressSanitizer and ThreadSanitizer builds ----------------------------
