@@ -44,7 +44,7 @@ SMEM_PER_SM, SMEM_RESERVED_PER_BLOCK = 228 * 1024, 1024
 # Tile constants of csrc/cuda/position_attention_tensor_cores_kernels.cuh.
 TILE, TILE_C, CHUNK_C, ROW_BYTES, THREADS = 64, 128, 64, (64 + 8) * 2, 128
 # Registers per thread measured on sm_90 (cuobjdump -res-usage, this build); refreshed by read_registers().
-REGISTERS = {"forward_kernel_tc": 178, "grad_v_kernel_tc": 172, "grad_qk_kernel_tc": 167}
+REGISTERS = {"forward_kernel_tc": 178, "grad_v_kernel_tc": 186, "grad_qk_kernel_tc": 194}
 
 
 def round16(x):
@@ -101,15 +101,18 @@ def ours(B, N, C, Cq, elem=2):
     cblocks = math.ceil(C / TILE_C)
     splits = grad_qk_splits(B, N)
     mma = PEAK * MMA_SYNC_EFF
+    resident_smem = (2 * round16(Cq) + round16(C) + CHUNK_C + TILE) * ROW_BYTES + 3 * TILE * 4
+    v_resident = 2 * (resident_smem + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM  # grad_qk_tc_v_resident
+    qk_smem = resident_smem if v_resident else (2 * round16(Cq) + 2 * CHUNK_C + TILE) * ROW_BYTES + 3 * TILE * 4
     operands = B * (2 * Cq + 2 * C) * N * elem  # three inputs and one output (or dO), once
     fwd = [kernel("forward_kernel_tc", 2 * B * N * N * (Cq * cblocks + C), operands + B * 2 * N * 4,
                   B * tiles * cblocks * (Cq + TILE_C) * N * elem,
                   tiles * cblocks * B, (2 * round16(Cq) + TILE_C) * ROW_BYTES, mma)]
     bwd = [kernel("grad_qk_kernel_tc", 2 * B * N * N * (3 * Cq + C),
                   operands + B * N * 4 * (3 + 2 * Cq * (1 + splits)),
-                  B * tiles * (Cq + C) * N * elem + B * tiles * Cq * N * 4,  # + the dQ atomics, in L2
-                  tiles * splits * B,
-                  (2 * round16(Cq) + round16(C) + CHUNK_C + TILE) * ROW_BYTES + 3 * TILE * 4, mma),
+                  # Q and dO for each key tile (V's tile resident on an H100 at C <= 512), the dQ atomics
+                  B * tiles * (Cq + C + (0 if v_resident else C)) * N * elem + B * tiles * Cq * N * 4,
+                  tiles * splits * B, qk_smem, mma),
            kernel("grad_v_kernel_tc", 2 * B * N * N * (Cq * cblocks + C), operands,
                   B * tiles * cblocks * (Cq + TILE_C) * N * elem,
                   tiles * cblocks * B, (2 * round16(Cq) + TILE_C) * ROW_BYTES + 2 * TILE * 4, mma)]

@@ -11,6 +11,8 @@
 // on CPUs with bfloat16 hardware, where O = V P^T (forward) and the four backward
 // products after the score recomputation run in bfloat16 (bf16_gemm.h).
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -193,8 +195,11 @@ void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
 //   P = exp(Q_i^T K_j - m_i) / l_i    dV_j += dO_i P
 //   dP = dO_i^T V_j                   dS = P * (dP - D_i)
 //   dK_j += Q_i dS                    dQ_i += K_j dS^T
-// Key blocks run in parallel; each thread adds its dQ contributions into a
-// private (Cq x N) buffer, summed at the end (Cq is small, so this is cheap).
+// The (image, key block) pairs are the tasks, all in one parallel region, so
+// that many cores stay busy on small maps and batches alike. Each contiguous
+// chunk of tasks adds its dQ contributions into private (Cq x N) buffers, one
+// per image it touches (a chunk spans at most a few images), summed at the end
+// in chunk order, so that runs with the same thread count agree to the bit.
 template <typename scalar_t>
 void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* out, const scalar_t* stats,
@@ -208,113 +213,129 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   // softmax and every sum across tiles stay float32.
   const bool lowp = inputs16 != nullptr;
   const int64_t num_threads = at::get_num_threads();
-  // Key blocks are the unit of parallel work (batches run one after another).
-  const int64_t block_k = balanced_block(N, 1, kBwdBlockK, 64, num_threads);
+  const int64_t block_k = balanced_block(N, B, kBwdBlockK, 64, num_threads);
   const int64_t k_blocks = (N + block_k - 1) / block_k;
   // D_i = sum_c dO[c,i] O[c,i] is accumulated in double: dS = P (dP - D)
   // cancels, so D's rounding would otherwise dominate the error of dQ and dK.
-  std::vector<double> row_dot(N);
-  std::vector<scalar_t> dq_partial(num_threads * Cq * N);
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t* dob = dout + b * C * N;
-    const scalar_t* ob = out + b * C * N;
-    const scalar_t* qb = q + b * Cq * N;
-    const scalar_t* kb = k + b * Cq * N;
-    const scalar_t* vb = v + b * C * N;
-    const scalar_t* row_max = stats + (b * 2 + 0) * N;
-    const scalar_t* inv_row_sum = stats + (b * 2 + 1) * N;
-    scalar_t* dkb = dk + b * Cq * N;
-    scalar_t* dvb = dv + b * C * N;
-    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) row_dot[i] = 0;
+  std::vector<double> row_dot(B * N);
+  at::parallel_for(0, B * N, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end;) {  // one image's run of positions at a time, rows read along N
+      const int64_t b = e / N, i_begin = e % N, i_end = std::min(N, i_begin + (end - e));
+      double* dot = row_dot.data() + b * N;
+      for (int64_t i = i_begin; i < i_end; ++i) dot[i] = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* dorow = dob + c * N;
-        const scalar_t* orow = ob + c * N;
-        for (int64_t i = begin; i < end; ++i)
-          row_dot[i] += static_cast<double>(dorow[i]) * static_cast<double>(orow[i]);
+        const scalar_t* dorow = dout + (b * C + c) * N;
+        const scalar_t* orow = out + (b * C + c) * N;
+        for (int64_t i = i_begin; i < i_end; ++i)
+          dot[i] += static_cast<double>(dorow[i]) * static_cast<double>(orow[i]);
       }
-    });
-    std::fill(dq_partial.begin(), dq_partial.end(), scalar_t(0));
-    at::parallel_for(0, k_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
-      std::vector<at::BFloat16> p16(lowp ? kBwdBlockQ * block_k : 0), ds16(lowp ? kBwdBlockQ * block_k : 0),
-          prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
-      const int64_t tid = at::get_thread_num();
-      TORCH_CHECK(tid < num_threads, "danet_ext: thread ", tid, " outside the ", num_threads,
-                  " dQ buffers (was torch.set_num_threads called during the backward?)");
-      scalar_t* dq_mine = dq_partial.data() + tid * Cq * N;
-      for (int64_t jb = begin; jb < end; ++jb) {
-        const int64_t j0 = jb * block_k;
-        const int64_t bk = std::min(block_k, N - j0);
-        for (int64_t i0 = 0; i0 < N; i0 += kBwdBlockQ) {
-          const int64_t bq = std::min(kBwdBlockQ, N - i0);
-          const scalar_t beta = i0 > 0 ? 1 : 0;  // first query block initialises dK_j, dV_j
-          gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0,
-                         probs.data(), block_k);
-          for (int64_t i = 0; i < bq; ++i) {
-            scalar_t* row = probs.data() + i * block_k;
-            exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
-            scale_row(row, bk, inv_row_sum[i0 + i]);
-          }
-          const at::BFloat16* do16 = lowp ? inputs16[0] + b * C * N : nullptr;
-          const at::BFloat16* q16 = lowp ? inputs16[1] + b * Cq * N : nullptr;
-          const at::BFloat16* k16 = lowp ? inputs16[2] + b * Cq * N : nullptr;
-          const at::BFloat16* v16 = lowp ? inputs16[3] + b * C * N : nullptr;
-          // dst (rows x cols, row stride ld) = (keep ? dst : 0) + the bfloat16 product in prod16
-          auto add_product = [&](scalar_t* dst, int64_t ld, int64_t rows, int64_t cols, bool keep) {
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t c = 0; c < cols; ++c)
-                dst[r * ld + c] = (keep ? dst[r * ld + c] : scalar_t(0)) +
-                                  static_cast<scalar_t>(prod16[r * cols + c]);
-          };
-          if (lowp) {
-            for (int64_t i = 0; i < bq; ++i)
-              for (int64_t j = 0; j < bk; ++j)
-                p16[i * block_k + j] = static_cast<at::BFloat16>(probs[i * block_k + j]);
-            bf16_mm(false, false, C, bk, bq, do16 + i0, N, p16.data(), block_k, prod16.data(), bk);
-            add_product(dvb + j0, N, C, bk, i0 > 0);
-            bf16_mm(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, ds16.data(), block_k);
-            for (int64_t i = 0; i < bq; ++i)
-              for (int64_t j = 0; j < bk; ++j)
-                dscores[i * block_k + j] = static_cast<scalar_t>(ds16[i * block_k + j]);
-          } else {
-            gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
-                           block_k, beta, dvb + j0, N);
-            gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0,
-                           dscores.data(), block_k);
-          }
-          for (int64_t i = 0; i < bq; ++i) {
-            scalar_t* ds = dscores.data() + i * block_k;
-            const scalar_t* p = probs.data() + i * block_k;
-            const scalar_t d = static_cast<scalar_t>(row_dot[i0 + i]);
-            for (int64_t j = 0; j < bk; ++j) ds[j] = softmax_grad(p[j], ds[j], d);
-          }
-          if (lowp) {
-            for (int64_t i = 0; i < bq; ++i)
-              for (int64_t j = 0; j < bk; ++j)
-                ds16[i * block_k + j] = static_cast<at::BFloat16>(dscores[i * block_k + j]);
-            bf16_mm(false, false, Cq, bk, bq, q16 + i0, N, ds16.data(), block_k, prod16.data(), bk);
-            add_product(dkb + j0, N, Cq, bk, i0 > 0);
-            bf16_mm(false, true, Cq, bq, bk, k16 + j0, N, ds16.data(), block_k, prod16.data(), bq);
-            add_product(dq_mine + i0, N, Cq, bq, true);
-          } else {
-            gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
-                           block_k, beta, dkb + j0, N);
-            gemm<scalar_t>(false, true, Cq, bq, bk, 1, kb + j0, N, dscores.data(),
-                           block_k, 1, dq_mine + i0, N);
-          }
+      e += i_end - i_begin;
+    }
+  });
+  // dQ partial sums: chunk start -> (first image, buffers of the images it touches)
+  struct DqChunk {
+    int64_t first_image;
+    std::vector<scalar_t> sums;
+  };
+  std::map<int64_t, DqChunk> dq_chunks;
+  std::mutex dq_chunks_mutex;
+  at::parallel_for(0, B * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
+    std::vector<at::BFloat16> p16(lowp ? kBwdBlockQ * block_k : 0), ds16(lowp ? kBwdBlockQ * block_k : 0),
+        prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
+    const int64_t first_image = begin / k_blocks, images = (end - 1) / k_blocks - first_image + 1;
+    std::vector<scalar_t> dq_sums(images * Cq * N, scalar_t(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / k_blocks, jb = task % k_blocks;
+      const scalar_t* dob = dout + b * C * N;
+      const scalar_t* qb = q + b * Cq * N;
+      const scalar_t* kb = k + b * Cq * N;
+      const scalar_t* vb = v + b * C * N;
+      const scalar_t* row_max = stats + (b * 2 + 0) * N;
+      const scalar_t* inv_row_sum = stats + (b * 2 + 1) * N;
+      const double* dot_b = row_dot.data() + b * N;
+      scalar_t* dkb = dk + b * Cq * N;
+      scalar_t* dvb = dv + b * C * N;
+      scalar_t* dq_mine = dq_sums.data() + (b - first_image) * Cq * N;
+      const at::BFloat16* do16 = lowp ? inputs16[0] + b * C * N : nullptr;
+      const at::BFloat16* q16 = lowp ? inputs16[1] + b * Cq * N : nullptr;
+      const at::BFloat16* k16 = lowp ? inputs16[2] + b * Cq * N : nullptr;
+      const at::BFloat16* v16 = lowp ? inputs16[3] + b * C * N : nullptr;
+      const int64_t j0 = jb * block_k;
+      const int64_t bk = std::min(block_k, N - j0);
+      for (int64_t i0 = 0; i0 < N; i0 += kBwdBlockQ) {
+        const int64_t bq = std::min(kBwdBlockQ, N - i0);
+        const scalar_t beta = i0 > 0 ? 1 : 0;  // first query block initialises dK_j, dV_j
+        gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0,
+                       probs.data(), block_k);
+        for (int64_t i = 0; i < bq; ++i) {
+          scalar_t* row = probs.data() + i * block_k;
+          exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
+          scale_row(row, bk, inv_row_sum[i0 + i]);
+        }
+        // dst (rows x cols, row stride ld) = (keep ? dst : 0) + the bfloat16 product in prod16
+        auto add_product = [&](scalar_t* dst, int64_t ld, int64_t rows, int64_t cols, bool keep) {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c)
+              dst[r * ld + c] = (keep ? dst[r * ld + c] : scalar_t(0)) +
+                                static_cast<scalar_t>(prod16[r * cols + c]);
+        };
+        if (lowp) {
+          for (int64_t i = 0; i < bq; ++i)
+            for (int64_t j = 0; j < bk; ++j)
+              p16[i * block_k + j] = static_cast<at::BFloat16>(probs[i * block_k + j]);
+          bf16_mm(false, false, C, bk, bq, do16 + i0, N, p16.data(), block_k, prod16.data(), bk);
+          add_product(dvb + j0, N, C, bk, i0 > 0);
+          bf16_mm(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, ds16.data(), block_k);
+          for (int64_t i = 0; i < bq; ++i)
+            for (int64_t j = 0; j < bk; ++j)
+              dscores[i * block_k + j] = static_cast<scalar_t>(ds16[i * block_k + j]);
+        } else {
+          gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
+                         block_k, beta, dvb + j0, N);
+          gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0,
+                         dscores.data(), block_k);
+        }
+        for (int64_t i = 0; i < bq; ++i) {
+          scalar_t* ds = dscores.data() + i * block_k;
+          const scalar_t* p = probs.data() + i * block_k;
+          const scalar_t d = static_cast<scalar_t>(dot_b[i0 + i]);
+          for (int64_t j = 0; j < bk; ++j) ds[j] = softmax_grad(p[j], ds[j], d);
+        }
+        if (lowp) {
+          for (int64_t i = 0; i < bq; ++i)
+            for (int64_t j = 0; j < bk; ++j)
+              ds16[i * block_k + j] = static_cast<at::BFloat16>(dscores[i * block_k + j]);
+          bf16_mm(false, false, Cq, bk, bq, q16 + i0, N, ds16.data(), block_k, prod16.data(), bk);
+          add_product(dkb + j0, N, Cq, bk, i0 > 0);
+          bf16_mm(false, true, Cq, bq, bk, k16 + j0, N, ds16.data(), block_k, prod16.data(), bq);
+          add_product(dq_mine + i0, N, Cq, bq, true);
+        } else {
+          gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
+                         block_k, beta, dkb + j0, N);
+          gemm<scalar_t>(false, true, Cq, bq, bk, 1, kb + j0, N, dscores.data(),
+                         block_k, 1, dq_mine + i0, N);
         }
       }
-    });
-    scalar_t* dqb = dq + b * Cq * N;
-    at::parallel_for(0, Cq * N, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) {
-        scalar_t s = 0;
-        for (int64_t t = 0; t < num_threads; ++t) s += dq_partial[t * Cq * N + e];
-        dqb[e] = s;
-      }
-    });
+    }
+    std::lock_guard<std::mutex> lock(dq_chunks_mutex);
+    dq_chunks.emplace(begin, DqChunk{first_image, std::move(dq_sums)});
+  });
+  // dQ[b] = the sum, in chunk order, of the buffers of the chunks that touched image b.
+  std::vector<std::vector<const scalar_t*>> parts(B);
+  for (const auto& kv : dq_chunks) {
+    const DqChunk& chunk = kv.second;
+    const int64_t images = static_cast<int64_t>(chunk.sums.size()) / std::max<int64_t>(Cq * N, 1);
+    for (int64_t t = 0; t < images; ++t) parts[chunk.first_image + t].push_back(chunk.sums.data() + t * Cq * N);
   }
+  at::parallel_for(0, B * Cq * N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t b = e / (Cq * N), rest = e % (Cq * N);
+      scalar_t sum = 0;
+      for (const scalar_t* p : parts[b]) sum += p[rest];
+      dq[e] = sum;
+    }
+  });
 }
 
 // Half and bfloat16 are computed in float32: convert on the way in and out.

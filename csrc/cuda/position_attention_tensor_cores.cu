@@ -34,6 +34,14 @@ bool tensor_cores_available(const at::Tensor& value) {
   return attr.ptxVersion >= 80;
 }
 
+// The most shared memory a block may use on this device once the kernel's
+// attribute is raised: 227 KiB on 9.0, 163 KiB on 8.0, 99 KiB on 8.6 and 8.9.
+int64_t max_shared_per_block(const at::Tensor& value) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.device().index()));
+  return bytes;
+}
+
 template <typename T>
 const typename MmaType<T>::type* mma_ptr(const at::Tensor& t) {
   return reinterpret_cast<const typename MmaType<T>::type*>(t.data_ptr<T>());
@@ -56,23 +64,27 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
   const int64_t B = v.size(0), C = v.size(1), Cq = q.size(1), N = v.size(2) * v.size(3);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t splits = grad_qk_tc_splits(B, N, sms);
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, v.device().index()));
+  const bool v_resident = grad_qk_tc_v_resident(Cq, C, max_shared_per_block(v), per_sm);
   at::Tensor dk_parts;
   if (splits > 1) dk_parts = at::empty({splits, B, Cq, N}, dk_acc.options());
   position_attention_backward_tensor_cores_launch<M, T>(
       mma_ptr<T>(grad_out), mma_ptr<T>(q), mma_ptr<T>(k), mma_ptr<T>(v), stats.data_ptr<float>(),
       row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
-      splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits,
+      splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, v_resident,
       c10::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace
 
 bool use_tensor_core_forward(const at::Tensor& value, int64_t Cq) {
-  return tensor_core_forward_fits(Cq) && tensor_cores_available(value);
+  return tensor_cores_available(value) && tensor_core_forward_fits(Cq, max_shared_per_block(value));
 }
 
 bool use_tensor_core_backward(const at::Tensor& value, int64_t Cq, int64_t C) {
-  return tensor_core_backward_fits(Cq, C) && tensor_cores_available(value);
+  (void)C;  // any C: V and dO are staged in 64-channel chunks
+  return tensor_cores_available(value) && tensor_core_backward_fits(Cq, max_shared_per_block(value));
 }
 
 void position_attention_forward_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -13,7 +13,8 @@ namespace cuda {
 // Whether the tensor-core forward / backward run for these inputs: float16 or
 // bfloat16 on a device of compute capability 8.0 or newer with kernels built
 // for it, DANET_EXT_TENSOR_CORES not "0" (read at every call), and the shape
-// within the kernels' limits (forward: Cq <= 512; backward: Cq <= 64, C <= 1024).
+// within the kernels' limits (forward: Cq <= 512 and its shared memory within
+// the device's; backward: Cq <= 64, any C).
 bool use_tensor_core_forward(const at::Tensor& value, int64_t Cq);
 bool use_tensor_core_backward(const at::Tensor& value, int64_t Cq, int64_t C);
 

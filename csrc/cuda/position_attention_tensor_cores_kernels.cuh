@@ -22,7 +22,9 @@
 //                       S is recomputed once per channel block (C / 128 times).
 //   grad_v_kernel_tc    grid (key tiles, 128-channel blocks, B): dV^T += P^T dO^T.
 //   grad_qk_kernel_tc   grid (key tiles, query-range splits, B): dP^T = V^T dO
-//                       (V's tile stays in shared memory), dS^T = P^T (dP^T - D),
+//                       (V's tile resident in shared memory where two blocks
+//                       still fit on an SM, else staged with dO 64 channels at
+//                       a time), dS^T = P^T (dP^T - D),
 //                       dK^T += dS^T Q^T in registers (one partial sum per split,
 //                       added in a fixed order), dQ += dS K through shared memory
 //                       and float32 atomics (not deterministic: the launcher
@@ -55,6 +57,10 @@ namespace {
 
 constexpr int kTcWarps = 4;
 constexpr int kTcThreads = 32 * kTcWarps;
+// Two blocks per SM (up to 255 registers a thread): with __launch_bounds__(128)
+// alone, ptxas capped grad_qk_kernel_tc<bfloat16, 16> at 128 registers on sm_80
+// and spilled 24 bytes to the stack (found by tests/cuda_emulation/test_device_build.py).
+constexpr int kTcMinBlocks = 2;
 constexpr int kTcTile = 64;            // rows of a block (queries or keys), and columns per step
 constexpr int kTcTileC = 128;          // value channels of a forward / dV block
 constexpr int kTcChunkC = 64;          // dO channels staged per step of grad_qk_kernel_tc
@@ -65,11 +71,14 @@ constexpr int kOutTiles = kTcTileC / 8;    // n8 tiles of a warp's 16 x 128 outp
 
 // Which shapes the tensor-core kernels take (the launcher falls back to the
 // CUDA-core kernels otherwise): the forward stages Q^T and K tiles of
-// round16(Cq) rows; grad_qk keeps dK^T in registers (Cq <= 64) and V's tile of
-// round16(C) rows in shared memory.
+// round16(Cq) rows (and must fit the device's shared memory: see
+// tensor_core_forward_fits); grad_qk keeps dK^T in registers (Cq <= 64).
 constexpr int64_t kTcMaxCqForward = 512;
 constexpr int64_t kTcMaxCqBackward = 64;
-constexpr int64_t kTcMaxCBackward = 1024;
+// Shared memory a block may use without raising the kernel's attribute; every
+// device of compute capability 8.0+ allows at least 99 KiB with it (8.6, 8.9),
+// 163 KiB on 8.0, 227 KiB on 9.0.
+constexpr int64_t kTcPlainSharedBytes = 48 * 1024;
 
 template <typename T>
 struct MmaType;
@@ -215,7 +224,7 @@ inline int64_t forward_tc_shared_bytes(int64_t Cq) { return (2 * round16(Cq) + k
 // once at the end, which keeps the rounded probabilities out of float16's
 // subnormal range.
 template <typename M, typename T>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
     forward_kernel_tc(const M* __restrict__ q, const M* __restrict__ k, const M* __restrict__ v,
                       T* __restrict__ out, float* __restrict__ stats, int64_t Cq, int64_t C, int64_t N, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -359,7 +368,7 @@ inline int64_t grad_v_tc_shared_bytes(int64_t Cq) {
 }
 
 template <typename M, typename T>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
     grad_v_kernel_tc(const M* __restrict__ dout, const M* __restrict__ q, const M* __restrict__ k,
                      const float* __restrict__ stats, T* __restrict__ dv, int64_t Cq, int64_t C, int64_t N,
                      bool vec) {
@@ -389,6 +398,11 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[ct][e] = 0.f;
 
+  // Normalised probabilities average 1/N: at N = 32768 most fall below float16's
+  // smallest normal (6.1e-5) and would lose bits when rounded. float16 rounds
+  // P * 2^15 instead (P <= 1, so at most 32768 < 65504) and the accumulator is
+  // scaled back exactly at the end; bfloat16 has float32's exponent range.
+  constexpr float kPScale = std::is_same<M, __half>::value ? 32768.f : 1.f;
   for (int64_t i0 = 0; i0 < N; i0 += kTcTile) {
     stage_tile(q, Cq, N, 0, static_cast<int>(cq16), i0, qs, vec);
     stage_tile(dout, C, N, c0, kTcTileC, i0, dos, vec);
@@ -401,6 +415,12 @@ __global__ void __launch_bounds__(kTcThreads)
       for (int e = 0; e < 4; ++e) p[nt][e] = 0.f;
     warp_scores(ks, qs, cq16, row0, p);  // S^T: this warp's 16 keys x 64 queries
     probs_t(p, row_max, row_inv, j0 + row0, N);
+    if (kPScale != 1.f) {
+#pragma unroll
+      for (int nt = 0; nt < kScoreTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[nt][e] *= kPScale;
+    }
     warp_product<M, kOutTiles>(p, dos, acc);  // dV^T (keys x channels) += P^T dO^T
     __syncthreads();
   }
@@ -408,24 +428,36 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
   for (int ct = 0; ct < kOutTiles; ++ct)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) stage[frag_col(ct, e) * kPitch + row0 + frag_row(e)] = round_bits<M>(acc[ct][e]);
+    for (int e = 0; e < 4; ++e)
+      stage[frag_col(ct, e) * kPitch + row0 + frag_row(e)] = round_bits<M>(acc[ct][e] * (1.f / kPScale));
   __syncthreads();
   store_tile(stage, kTcTileC, C, N, c0, j0, dv + b * C * N);
 #endif
 }
 
-// dK and dQ. Dynamic shared memory: ks (kCq16 rows, staged once), vs
-// (round16(C) rows, staged once), qs (kCq16 rows), dos (64 rows), dss (the
-// block's dS^T, 64 rows), then 3 x 64 floats of statistics.
-inline int64_t grad_qk_tc_shared_bytes(int64_t Cq, int64_t C) {
-  return (2 * round16(Cq) + round16(C) + kTcChunkC + kTcTile) * kRowBytes + 3 * kTcTile * 4;
+// dK and dQ. Dynamic shared memory: ks (kCq16 rows, staged once), qs (kCq16
+// rows), vs (V's tile: round16(C) rows staged once if v_resident, else one
+// 64-channel chunk at a time), dos (dO's 64-channel chunk), dss (the block's
+// dS^T, 64 rows), then 3 x 64 floats of statistics. At Cq = 64: 46 KiB with V
+// in chunks, whatever C; 109 KiB with V resident at C = 512.
+inline int64_t grad_qk_tc_shared_bytes(int64_t Cq, int64_t C, bool v_resident) {
+  return (2 * round16(Cq) + (v_resident ? round16(C) : kTcChunkC) + kTcChunkC + kTcTile) * kRowBytes +
+         3 * kTcTile * 4;
+}
+
+// V's tile stays resident (read once per block instead of once per query tile)
+// where the block still fits the device and two blocks fit on an SM (an H100
+// at C <= 512); otherwise it is staged in chunks with dO.
+inline bool grad_qk_tc_v_resident(int64_t Cq, int64_t C, int64_t max_shared_block, int64_t shared_per_sm) {
+  const int64_t bytes = grad_qk_tc_shared_bytes(Cq, C, true);
+  return bytes <= max_shared_block && 2 * (bytes + 1024) <= shared_per_sm;
 }
 
 // grid (key tiles, splits, B): block (x, s, b) walks the query tiles of split s,
 // queries [s * split_queries, (s + 1) * split_queries), and writes its keys' dK
 // to dk_out[s] (the split's partial sums, added up in a fixed order afterwards).
-template <typename M, int kCq16>
-__global__ void __launch_bounds__(kTcThreads)
+template <typename M, int kCq16, bool kVResident>
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
     grad_qk_kernel_tc(const M* __restrict__ dout, const M* __restrict__ q, const M* __restrict__ k,
                       const M* __restrict__ v, const float* __restrict__ stats, const float* __restrict__ row_dot,
                       float* __restrict__ dq_acc, float* __restrict__ dk_out, int64_t Cq, int64_t C, int64_t N,
@@ -437,9 +469,9 @@ __global__ void __launch_bounds__(kTcThreads)
   DANET_DYNAMIC_SHARED(unsigned char, smem);
   const int64_t c16 = round16(C);
   M* ks = reinterpret_cast<M*>(smem);
-  M* vs = ks + kCq16 * kPitch;
-  M* qs = vs + c16 * kPitch;
-  M* dos = qs + kCq16 * kPitch;
+  M* qs = ks + kCq16 * kPitch;
+  M* vs = qs + kCq16 * kPitch;
+  M* dos = vs + (kVResident ? c16 : kTcChunkC) * kPitch;
   M* dss = dos + kTcChunkC * kPitch;
   float* row_max = reinterpret_cast<float*>(dss + kTcTile * kPitch);
   float* row_inv = row_max + kTcTile;
@@ -459,7 +491,7 @@ __global__ void __launch_bounds__(kTcThreads)
   float* dqb = dq_acc + b * Cq * N;
   float* dkb = dk_out + (static_cast<int64_t>(blockIdx.y) * gridDim.z + b) * Cq * N;
   stage_tile(k, Cq, N, 0, kCq16, j0, ks, vec);
-  stage_tile(v, C, N, 0, static_cast<int>(c16), j0, vs, vec);
+  if (kVResident) stage_tile(v, C, N, 0, static_cast<int>(c16), j0, vs, vec);
 
   float dk[kCqTiles][4];
 #pragma unroll
@@ -480,9 +512,10 @@ __global__ void __launch_bounds__(kTcThreads)
     probs_t(p, row_max, row_inv, j0 + row0, N);
     for (int64_t cc = 0; cc < c16; cc += kTcChunkC) {  // dP^T = V^T dO, 64 channels a step
       const int64_t depth = c16 - cc < kTcChunkC ? c16 - cc : kTcChunkC;
+      if (!kVResident) stage_tile(v, C, N, cc, static_cast<int>(depth), j0, vs, vec);
       stage_tile(dout, C, N, cc, static_cast<int>(depth), i0, dos, vec);
       __syncthreads();
-      warp_scores(vs + cc * kPitch, dos, depth, row0, dp);
+      warp_scores(kVResident ? vs + cc * kPitch : vs, dos, depth, row0, dp);
       __syncthreads();
     }
     // dS^T = P^T (dP^T - D); kept in dp.
@@ -566,17 +599,23 @@ inline int64_t grad_qk_tc_splits(int64_t B, int64_t N, int64_t sm_count) {
 inline int64_t grad_qk_tc_split_queries(int64_t N, int64_t splits) {
   return ceil_div(ceil_div(N, kTcTile), splits) * kTcTile;
 }
-inline LaunchGeometry grad_qk_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N, int64_t splits) {
+inline LaunchGeometry grad_qk_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N, int64_t splits,
+                                          bool v_resident) {
   return make_geometry("grad_qk_kernel_tc", ceil_div(N, kTcTile), splits, B, kTcThreads,
-                       grad_qk_tc_shared_bytes(Cq, C));
+                       grad_qk_tc_shared_bytes(Cq, C, v_resident));
 }
 inline LaunchGeometry sum_parts_geometry(int64_t total) {
   return make_geometry("sum_parts_kernel", ceil_div(total, kThreads), 1, 1, kThreads);
 }
 
-inline bool tensor_core_forward_fits(int64_t Cq) { return Cq >= 1 && Cq <= kTcMaxCqForward; }
-inline bool tensor_core_backward_fits(int64_t Cq, int64_t C) {
-  return Cq >= 1 && Cq <= kTcMaxCqBackward && C <= kTcMaxCBackward;
+// Whether the kernels take these channel counts on a device whose blocks may
+// use up to max_shared bytes of shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+inline bool tensor_core_forward_fits(int64_t Cq, int64_t max_shared) {
+  return Cq >= 1 && Cq <= kTcMaxCqForward && forward_tc_shared_bytes(Cq) <= max_shared;
+}
+inline bool tensor_core_backward_fits(int64_t Cq, int64_t max_shared) {
+  return Cq >= 1 && Cq <= kTcMaxCqBackward && grad_qk_tc_shared_bytes(Cq, 0, false) <= max_shared &&
+         grad_v_tc_shared_bytes(Cq) <= max_shared;
 }
 
 // 16-byte staging copies: rows of N elements start 16-byte aligned.
@@ -589,7 +628,7 @@ inline bool vector_staging(int64_t N, std::initializer_list<const void*> ptrs) {
 
 // The tensor-core forward on raw pointers: q, k (B, Cq, N), v (B, C, N) as the
 // 16-bit MMA type M; out (B, C, N) of T (c10::Half / c10::BFloat16, same bits
-// as M); stats (B, 2, N) float32. B and N non-zero, tensor_core_forward_fits(Cq).
+// as M); stats (B, 2, N) float32. B and N non-zero, tensor_core_forward_fits(Cq, the device's limit).
 template <typename M, typename T>
 void position_attention_forward_tensor_cores_launch(const M* q, const M* k, const M* v, T* out, float* stats,
                                                     int64_t B, int64_t Cq, int64_t C, int64_t N,
@@ -602,21 +641,22 @@ void position_attention_forward_tensor_cores_launch(const M* q, const M* k, cons
 // The tensor-core backward on raw pointers. row_dot (B, N) float32 holds
 // D = sum_c dO O (computed by the caller); dq_acc, dk_acc (B, Cq, N) float32
 // zero-filled; dv (B, C, N) of T; splits from grad_qk_tc_splits(), and for
-// splits > 1 a workspace dk_parts of splits * B * Cq * N floats.
-// tensor_core_backward_fits(Cq, C).
+// splits > 1 a workspace dk_parts of splits * B * Cq * N floats; v_resident
+// from grad_qk_tc_v_resident(). tensor_core_backward_fits(Cq, the device's limit).
 template <typename M, typename T>
 void position_attention_backward_tensor_cores_launch(const M* grad_out, const M* q, const M* k, const M* v,
                                                      const float* stats, const float* row_dot, float* dq_acc,
                                                      float* dk_acc, float* dk_parts, T* dv, int64_t B, int64_t Cq,
-                                                     int64_t C, int64_t N, int64_t splits, cudaStream_t stream) {
+                                                     int64_t C, int64_t N, int64_t splits, bool v_resident,
+                                                     cudaStream_t stream) {
   const bool vec = vector_staging(N, {grad_out, q, k, v});
-  const auto geometry = grad_qk_tc_geometry(B, Cq, C, N, splits);
+  const auto geometry = grad_qk_tc_geometry(B, Cq, C, N, splits, v_resident);
   const int64_t split_queries = grad_qk_tc_split_queries(N, splits);
   float* dk_out = splits > 1 ? dk_parts : dk_acc;
   TORCH_CHECK(dk_out != nullptr, "danet_ext: the tensor-core backward needs a dK workspace for ", splits, " splits");
 #define DANET_GRAD_QK_CASE(CQ16)                                                                                 \
   case CQ16: {                                                                                                   \
-    auto kernel = grad_qk_kernel_tc<M, CQ16>;                                                                    \
+    auto kernel = v_resident ? grad_qk_kernel_tc<M, CQ16, true> : grad_qk_kernel_tc<M, CQ16, false>;             \
     DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_out, Cq, C, N,         \
                  split_queries, vec);                                                                            \
     break;                                                                                                       \

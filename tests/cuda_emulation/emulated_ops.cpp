@@ -54,8 +54,8 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
   Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {out, stats};
   if (tensor_cores) {
-    TORCH_CHECK(danet::cuda::tensor_core_forward_fits(Cq), "the tensor-core forward takes Cq <= ",
-                danet::cuda::kTcMaxCqForward);
+    TORCH_CHECK(danet::cuda::tensor_core_forward_fits(Cq, danet::cuda::kMaxSharedBytes),
+                "the tensor-core forward takes Cq <= ", danet::cuda::kTcMaxCqForward);
     dispatch16(v.scalar_type(), [&](auto tag, auto mma_tag) {
       using T = decltype(tag);
       using M = decltype(mma_tag);
@@ -76,7 +76,8 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
 
 std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                 const Tensor& value, const Tensor& out,
-                                                const Tensor& softmax_stats, bool tensor_cores) {
+                                                const Tensor& softmax_stats, bool tensor_cores,
+                                                int64_t v_resident) {
   check_cpu(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1);
   const int64_t N = value.size(2) * value.size(3);
@@ -89,20 +90,24 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
   if (B == 0 || N == 0) return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
   Tensor row_dot = at::empty({B, N}, stats.options());
   if (tensor_cores) {
-    TORCH_CHECK(danet::cuda::tensor_core_backward_fits(Cq, C), "the tensor-core backward takes Cq <= ",
-                danet::cuda::kTcMaxCqBackward, " and C <= ", danet::cuda::kTcMaxCBackward);
+    TORCH_CHECK(danet::cuda::tensor_core_backward_fits(Cq, danet::cuda::kMaxSharedBytes),
+                "the tensor-core backward takes Cq <= ", danet::cuda::kTcMaxCqBackward);
     dispatch16(v.scalar_type(), [&](auto tag, auto mma_tag) {
       using T = decltype(tag);
       using M = decltype(mma_tag);
       danet::cuda::position_attention_row_dot_launch<T>(go.data_ptr<T>(), o.data_ptr<T>(), row_dot.data_ptr<float>(),
                                                         B, C, N, nullptr);
-      // the split of the query range an H100 (132 SMs) would get
+      // the split of the query range and the V staging an H100 (132 SMs, 227 KiB a block,
+      // 228 KiB an SM) would get, unless v_resident (0 or 1) forces the staging
       const int64_t splits = danet::cuda::grad_qk_tc_splits(B, N, 132);
+      const bool resident = v_resident >= 0 ? v_resident == 1
+                                            : danet::cuda::grad_qk_tc_v_resident(Cq, C, 232448, 233472);
       Tensor dk_parts = splits > 1 ? at::empty({splits, B, Cq, N}, dk_acc.options()) : Tensor();
       danet::cuda::position_attention_backward_tensor_cores_launch<M, T>(
           as_mma<M>(go), as_mma<M>(q), as_mma<M>(k), as_mma<M>(v), stats.data_ptr<float>(),
           row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
-          splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, nullptr);
+          splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, resident,
+          nullptr);
     });
     return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
   }
@@ -209,10 +214,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pam_forward", &pam_forward, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("tensor_cores") = false);
   m.def("pam_backward", &pam_backward, py::arg("grad_out"), py::arg("query"), py::arg("key"), py::arg("value"),
-        py::arg("out"), py::arg("softmax_stats"), py::arg("tensor_cores") = false);
+        py::arg("out"), py::arg("softmax_stats"), py::arg("tensor_cores") = false, py::arg("v_resident") = -1);
   m.def("cam_forward", &cam_forward);
   m.def("cam_backward", &cam_backward);
   m.def("selftest", &selftest);
   m.def("grad_qk_splits", &danet::cuda::grad_qk_tc_splits, py::arg("B"), py::arg("N"), py::arg("sm_count"));
+  m.def("grad_qk_v_resident", &danet::cuda::grad_qk_tc_v_resident, py::arg("Cq"), py::arg("C"),
+        py::arg("max_shared_block"), py::arg("shared_per_sm"));
+  m.def("tensor_core_forward_fits", &danet::cuda::tensor_core_forward_fits, py::arg("Cq"), py::arg("max_shared"));
+  m.def("tensor_core_backward_fits", &danet::cuda::tensor_core_backward_fits, py::arg("Cq"),
+        py::arg("max_shared"));
   m.def("set_timeout", &set_timeout);
 }

@@ -114,13 +114,14 @@ def test_position_attention_stays_finite_where_the_reference_is(emu, hw):
 
 # The tensor-core kernels (mma.sync / ldmatrix), forward and backward: odd N
 # (partial query and key tiles, element-wise staging), N % 8 == 0 (16-byte
-# staging), Cq off the 16-channel step, C off the 128-channel block, N = 1,
+# staging), Cq off the 16-channel step, C off the 128-channel block and past
+# several 64-channel chunks of the backward (C = 520), N = 1,
 # N past one 64-key tile, logits in the thousands. Cq > 64 takes the
 # tensor-core forward and the CUDA-core backward, as on the device.
 TENSOR_CORE_CASES = [(2, 8, 64, (7, 9), 0.5), (1, 64, 128, (9, 15), 0.5), (1, 1, 5, (7, 9), 0.5),
                      (3, 33, 130, (9, 11), 0.5), (1, 100, 300, (5, 13), 0.3), (2, 8, 16, (1, 1), 1.0),
                      (1, 16, 32, (9, 13), 12.0), (2, 16, 40, (8, 8), 0.5), (1, 64, 136, (8, 17), 0.5),
-                     (1, 48, 24, (12, 12), 0.5)]
+                     (1, 48, 24, (12, 12), 0.5), (1, 64, 520, (5, 13), 0.5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -149,6 +150,23 @@ def test_tensor_core_kernels(emu, dtype, B, Cq, C, HW, scale):
         assert_within_twice_pytorch(g, sg, tg, atol=ulps * max(1.0, tg.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_backward_stages_v_either_way(emu, dtype):
+    """grad_qk_kernel_tc keeps V's tile resident or stages it in 64-channel chunks
+    (C = 150: three chunks, the last partial): the gradients agree to rounding."""
+    q, k, v = make_inputs(1, 24, 150, 9, 10, dtype, 0.5)
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
+    grad_out = torch.randn_like(v)
+    resident = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True, v_resident=1)
+    chunked = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True, v_resident=0)
+    for a, b in zip(resident, chunked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same products in the same order
+    # which devices keep V resident: two blocks an SM (H100 at C = 512; not an A100, not past C = 512)
+    assert emu.grad_qk_v_resident(64, 512, 232448, 233472)
+    assert not emu.grad_qk_v_resident(64, 1024, 232448, 233472)
+    assert not emu.grad_qk_v_resident(64, 512, 166912, 167936)
+
+
 def test_tensor_core_backward_matches_the_cuda_core_backward(emu):
     """Both backwards from the same saved statistics: the tensor-core one differs
     only by rounding P and dS to the input dtype before their products."""
@@ -170,6 +188,23 @@ def test_tensor_core_backward_fills_the_gpu(emu):
     assert emu.grad_qk_splits(8, 32768, 132) == 1
     assert emu.grad_qk_splits(1, 1, 132) == 1
     assert emu.grad_qk_splits(2, 99, 132) == 2
+
+
+# The opt-in shared memory per block of compute capability 8.6/8.9, 8.0 and 9.0.
+SHARED_PER_BLOCK = {"sm_86": 101376, "sm_80": 166912, "sm_90": 232448}
+
+
+@pytest.mark.parametrize("arch", SHARED_PER_BLOCK)
+def test_tensor_core_kernels_fit_every_device(emu, arch):
+    """DANet's shapes (Cq = 64, any C) take the tensor cores on every device of
+    compute capability 8.0+; a forward whose Q and K tiles outgrow the device's
+    shared memory is sent to the CUDA cores instead of failing to launch."""
+    limit = SHARED_PER_BLOCK[arch]
+    assert emu.tensor_core_forward_fits(64, 48 * 1024) and emu.tensor_core_backward_fits(64, 48 * 1024)
+    assert emu.tensor_core_forward_fits(256, limit)  # 90 KiB
+    assert emu.tensor_core_forward_fits(320, limit) == (arch != "sm_86")  # 108 KiB
+    assert emu.tensor_core_forward_fits(512, limit) == (arch != "sm_86")  # 162 KiB
+    assert not emu.tensor_core_backward_fits(65, limit) and not emu.tensor_core_forward_fits(513, limit)
 
 
 def test_tensor_core_limits_are_errors(emu):
