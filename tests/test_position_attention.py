@@ -294,6 +294,30 @@ def test_tensor_core_kernels(monkeypatch, dtype, B, Cq, C, HW, scale):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("B,Cq,C,HW", [(2, 8, 64, (17, 23)), (1, 64, 512, (32, 32)), (3, 33, 130, (9, 11))])
+def test_float32_on_tf32_where_allowed(B, Cq, C, HW):
+    """With torch.backends.cuda.matmul.allow_tf32, float32 position attention runs on
+    TF32 tensor cores (compute capability 8.0+): its error against float64 within
+    twice that of the official code under the same setting (TF32 bmm)."""
+    if _cuda_capability_major() < 8:
+        pytest.skip("TF32 needs compute capability 8.0")
+    inputs = make_inputs(B, Cq, C, *HW, "cuda", torch.float32, scale=0.5)
+    grad_out = torch.randn(B, C, *HW, device="cuda")
+    truth, truth_grads = grads_of(reference.position_attention, [t.double() for t in inputs], grad_out.double())
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out, grads = grads_of(ext_position_attention, inputs, grad_out)
+        ref, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_within_twice_pytorch(out, ref, truth, atol=1e-5)
+    for g, rg, tg in zip(grads, ref_grads, truth_grads):
+        assert_within_twice_pytorch(g, rg, tg, atol=1e-5 * max(1.0, tg.abs().max().item()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_backward_is_refused_under_deterministic_algorithms(dtype):
     """dQ is accumulated with float32 atomics: under torch.use_deterministic_algorithms

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -23,6 +24,16 @@ __device__ __forceinline__ float to_float(T v) {
 template <typename T>
 __device__ __forceinline__ T from_float(float v) {
   return static_cast<T>(v);
+}
+
+// v rounded to TF32 (10 mantissa bits, ties away from zero), as cvt.rna.tf32.f32
+// rounds it; a float again. Plain bit arithmetic, so that it runs anywhere.
+__device__ __forceinline__ float round_tf32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7F800000u) != 0x7F800000u) bits = (bits + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&v, &bits, 4);
+  return v;
 }
 
 // acc[r][c] += a[r] * b[c]: the register-tile step of every product here.

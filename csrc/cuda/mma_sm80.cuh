@@ -1,6 +1,7 @@
-// Warp-level tensor-core primitives of compute capability 8.0 and newer, for
-// the float16/bfloat16 kernels: PTX mma.sync m16n8k16 (float32 accumulators)
-// and ldmatrix (shared memory -> fragments), as FlashAttention-2 uses them.
+// Warp-level tensor-core primitives of compute capability 8.0 and newer: PTX
+// mma.sync m16n8k16 on float16/bfloat16 and m16n8k8 on TF32 (float32
+// accumulators), ldmatrix (shared memory -> fragments) and the rounding to
+// TF32, as FlashAttention-2 and CUTLASS use them.
 // nvcc compiles them to the instructions (HMMA, LDSM); the CUDA emulation
 // (tests/cuda_emulation/cuda_emulation.h) provides the same functions as warp
 // collectives that follow the PTX ISA's fragment tables, so the kernels that
@@ -16,6 +17,11 @@
 // So two adjacent C tiles (columns 0-7 and 8-15) packed to 16 bits are the A
 // fragment of a 16x16 block: a score tile becomes the A operand of the next
 // product without leaving registers.
+//
+// m16n8k8 on TF32 (one float-sized element per register):
+//   A 16x8 (row):   a[0] = A[g][t]  a[1] = A[g+8][t]  a[2] = A[g][t+4]  a[3] = A[g+8][t+4]
+//   B 8x8 (col):    b[0] = B[t][g]  b[1] = B[t+4][g]
+//   C/D: as above.
 //
 // ldmatrix m8n8.b16 loads 1, 2 or 4 8x8 matrices: lanes 8i .. 8i+7 give the
 // addresses of the 8 rows (16 bytes each, 16-byte aligned, in shared memory)
@@ -40,7 +46,17 @@ namespace cuda {
 template <typename M>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 
+// The TF32 operand nearest to v (ties away from zero: cvt.rna.tf32.f32), in a register.
+__device__ __forceinline__ uint32_t to_tf32(float v);
+
 #if defined(DANET_CUDA_EMULATION)
+
+inline uint32_t to_tf32(float v) { return ::danet_emu::ptx::to_tf32(v); }
+
+// d += a b (16x8 by 8x8) on TF32 operands, float32 accumulation.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ::danet_emu::ptx::mma_m16n8k8_tf32(d, a, b);
+}
 
 template <>
 inline uint32_t pack2<__half>(float lo, float hi) {
@@ -80,6 +96,29 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 #else
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
          (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+#endif
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
 #endif
 }
 

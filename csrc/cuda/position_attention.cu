@@ -71,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cuda(
   if (use_tensor_core_backward(v, Cq, C)) {
     DANET_DISPATCH_CUDA_TYPES(v.scalar_type(), "position_attention_row_dot_cuda", [&] {
       position_attention_row_dot_launch<scalar_t>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                                                  row_dot.data_ptr<float>(), B, C, N, stream);
+                                                  row_dot.data_ptr<float>(), B, C, N, stream,
+                                                  /*tf32_dout=*/v.scalar_type() == at::kFloat);
     });
     position_attention_backward_tensor_cores(go, q, k, v, stats, row_dot, dq_acc, dk_acc, dv);
     return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};

@@ -196,7 +196,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // D_i = sum_c dO[c, i] O[c, i], accumulated in double (dS = P (dP - D) cancels).
 // grid: (ceil(N / 256), B).
-template <typename T>
+// kTf32Dout: dO rounded to TF32 as the TF32 backward's dP = dO^T V sees it, so
+// that dP - D cancels as it does in the official code's backward under TF32
+// (there D is summed from that very dP).
+template <typename T, bool kTf32Dout = false>
 __global__ void __launch_bounds__(kThreads)
     row_dot_kernel(const T* __restrict__ dout, const T* __restrict__ out,
                    float* __restrict__ row_dot, int64_t C, int64_t N) {
@@ -206,8 +209,10 @@ __global__ void __launch_bounds__(kThreads)
   const T* dob = dout + b * C * N;
   const T* ob = out + b * C * N;
   double sum = 0.0;
-  for (int64_t c = 0; c < C; ++c)
-    sum += static_cast<double>(to_float(dob[c * N + i])) * static_cast<double>(to_float(ob[c * N + i]));
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = to_float(dob[c * N + i]);
+    sum += static_cast<double>(kTf32Dout ? round_tf32(d) : d) * static_cast<double>(to_float(ob[c * N + i]));
+  }
   row_dot[b * N + i] = static_cast<float>(sum);
 }
 
@@ -389,8 +394,14 @@ void position_attention_forward_launch(const T* q, const T* k, const T* v, T* ou
 // D = sum_c dO O per query, row_dot (B, N) float32: the first step of both backwards.
 template <typename T>
 void position_attention_row_dot_launch(const T* grad_out, const T* out, float* row_dot, int64_t B, int64_t C,
-                                       int64_t N, cudaStream_t stream) {
-  DANET_LAUNCH(row_dot_kernel<T>, row_dot_geometry(B, N), stream, grad_out, out, row_dot, C, N);
+                                       int64_t N, cudaStream_t stream, bool tf32_dout = false) {
+  if (tf32_dout) {
+    auto kernel = row_dot_kernel<T, true>;
+    DANET_LAUNCH(kernel, row_dot_geometry(B, N), stream, grad_out, out, row_dot, C, N);
+  } else {
+    auto kernel = row_dot_kernel<T, false>;
+    DANET_LAUNCH(kernel, row_dot_geometry(B, N), stream, grad_out, out, row_dot, C, N);
+  }
 }
 
 // The backward on raw pointers. row_dot (B, N) float32 workspace; dq_acc,

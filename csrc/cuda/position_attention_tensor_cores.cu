@@ -1,10 +1,12 @@
-// Position attention on tensor cores, float16/bfloat16: the ATen launchers and
-// the checks that choose this path. The kernels are in
+// Position attention on tensor cores: the ATen launchers and the checks that
+// choose this path (float16/bfloat16; float32 on TF32 where
+// torch.backends.cuda.matmul.allow_tf32 allows it). The kernels are in
 // position_attention_tensor_cores_kernels.cuh.
 #include <cstdlib>
 #include <cstring>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include "common.cuh"
@@ -22,7 +24,10 @@ bool tensor_cores_enabled() {
 
 bool tensor_cores_available(const at::Tensor& value) {
   const auto st = value.scalar_type();
-  if (st != at::kHalf && st != at::kBFloat16) return false;
+  // float32 takes TF32 only where PyTorch's matmuls may (allow_tf32 /
+  // set_float32_matmul_precision("high")), as the official code's bmm would.
+  const bool tf32 = st == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  if (st != at::kHalf && st != at::kBFloat16 && !tf32) return false;
   if (!tensor_cores_enabled()) return false;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, value.device().index()));
@@ -30,7 +35,7 @@ bool tensor_cores_available(const at::Tensor& value) {
   // The kernels must also have been compiled for 8.0 or newer (not only
   // JIT-compiled from an older architecture's PTX, where their bodies trap).
   cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, forward_kernel_tc<__half, c10::Half>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, forward_kernel_tc<Mma16<__half>, c10::Half>));
   return attr.ptxVersion >= 80;
 }
 
@@ -42,35 +47,45 @@ int64_t max_shared_per_block(const at::Tensor& value) {
   return bytes;
 }
 
+// The operand kind of each dtype: Mma16 for float16/bfloat16, TF32 for float32.
 template <typename T>
-const typename MmaType<T>::type* mma_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename MmaType<T>::type*>(t.data_ptr<T>());
+struct OperandKind {
+  using type = Mma16<typename MmaType<T>::type>;
+};
+template <>
+struct OperandKind<float> {
+  using type = MmaTf32;
+};
+
+template <typename Tr>
+const typename Tr::E* operand_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename Tr::E*>(t.data_ptr());
 }
 
 template <typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& stats) {
-  using M = typename MmaType<T>::type;
+  using Tr = typename OperandKind<T>::type;
   const int64_t B = v.size(0), C = v.size(1), Cq = q.size(1), N = v.size(2) * v.size(3);
-  position_attention_forward_tensor_cores_launch<M, T>(mma_ptr<T>(q), mma_ptr<T>(k), mma_ptr<T>(v),
-                                                       out.data_ptr<T>(), stats.data_ptr<float>(), B, Cq, C, N,
-                                                       c10::cuda::getCurrentCUDAStream());
+  position_attention_forward_tensor_cores_launch<Tr, T>(operand_ptr<Tr>(q), operand_ptr<Tr>(k), operand_ptr<Tr>(v),
+                                                        out.data_ptr<T>(), stats.data_ptr<float>(), B, Cq, C, N,
+                                                        c10::cuda::getCurrentCUDAStream());
 }
 
 template <typename T>
 void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& stats, const at::Tensor& row_dot, at::Tensor& dq_acc, at::Tensor& dk_acc,
               at::Tensor& dv) {
-  using M = typename MmaType<T>::type;
+  using Tr = typename OperandKind<T>::type;
   const int64_t B = v.size(0), C = v.size(1), Cq = q.size(1), N = v.size(2) * v.size(3);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t splits = grad_qk_tc_splits(B, N, sms);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, v.device().index()));
-  const bool v_resident = grad_qk_tc_v_resident(Cq, C, max_shared_per_block(v), per_sm);
+  const bool v_resident = grad_qk_tc_v_resident<Tr>(Cq, C, max_shared_per_block(v), per_sm);
   at::Tensor dk_parts;
   if (splits > 1) dk_parts = at::empty({splits, B, Cq, N}, dk_acc.options());
-  position_attention_backward_tensor_cores_launch<M, T>(
-      mma_ptr<T>(grad_out), mma_ptr<T>(q), mma_ptr<T>(k), mma_ptr<T>(v), stats.data_ptr<float>(),
+  position_attention_backward_tensor_cores_launch<Tr, T>(
+      operand_ptr<Tr>(grad_out), operand_ptr<Tr>(q), operand_ptr<Tr>(k), operand_ptr<Tr>(v), stats.data_ptr<float>(),
       row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
       splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, v_resident,
       c10::cuda::getCurrentCUDAStream());
@@ -79,12 +94,18 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
 }  // namespace
 
 bool use_tensor_core_forward(const at::Tensor& value, int64_t Cq) {
-  return tensor_cores_available(value) && tensor_core_forward_fits(Cq, max_shared_per_block(value));
+  if (!tensor_cores_available(value)) return false;
+  const int64_t limit = max_shared_per_block(value);
+  return value.scalar_type() == at::kFloat ? tensor_core_forward_fits<MmaTf32>(Cq, limit)
+                                           : tensor_core_forward_fits<Mma16<__half>>(Cq, limit);
 }
 
 bool use_tensor_core_backward(const at::Tensor& value, int64_t Cq, int64_t C) {
-  (void)C;  // any C: V and dO are staged in 64-channel chunks
-  return tensor_cores_available(value) && tensor_core_backward_fits(Cq, max_shared_per_block(value));
+  (void)C;  // any C: V is staged in 64-channel chunks where it cannot stay resident
+  if (!tensor_cores_available(value)) return false;
+  const int64_t limit = max_shared_per_block(value);
+  return value.scalar_type() == at::kFloat ? tensor_core_backward_fits<MmaTf32>(Cq, limit)
+                                           : tensor_core_backward_fits<Mma16<__half>>(Cq, limit);
 }
 
 void position_attention_forward_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -93,7 +114,8 @@ void position_attention_forward_tensor_cores(const at::Tensor& q, const at::Tens
               "danet_ext: the tensor-core forward takes contiguous tensors");
   AT_DISPATCH_SWITCH(v.scalar_type(), "position_attention_forward_tensor_cores",
                      AT_DISPATCH_CASE(at::kHalf, [&] { forward<scalar_t>(q, k, v, out, stats); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { forward<scalar_t>(q, k, v, out, stats); }));
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { forward<scalar_t>(q, k, v, out, stats); })
+                     AT_DISPATCH_CASE(at::kFloat, [&] { forward<scalar_t>(q, k, v, out, stats); }));
 }
 
 void position_attention_backward_tensor_cores(const at::Tensor& grad_out, const at::Tensor& q,
@@ -107,7 +129,8 @@ void position_attention_backward_tensor_cores(const at::Tensor& grad_out, const 
       v.scalar_type(), "position_attention_backward_tensor_cores",
       AT_DISPATCH_CASE(at::kHalf, [&] { backward<scalar_t>(grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, dv); })
       AT_DISPATCH_CASE(at::kBFloat16,
-                       [&] { backward<scalar_t>(grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, dv); }));
+                       [&] { backward<scalar_t>(grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, dv); })
+      AT_DISPATCH_CASE(at::kFloat, [&] { backward<scalar_t>(grad_out, q, k, v, stats, row_dot, dq_acc, dk_acc, dv); }));
 }
 
 }  // namespace cuda

@@ -1,4 +1,5 @@
-// Position attention on tensor cores (float16/bfloat16, compute capability 8.0
+// Position attention on tensor cores (float16/bfloat16, and float32 on TF32
+// where torch.backends.cuda.matmul.allow_tf32 allows it; compute capability 8.0
 // and newer), in position_attention_tensor_cores.cu; the kernels are in
 // position_attention_tensor_cores_kernels.cuh. The launchers in
 // position_attention.cu take this path by default where it applies and the
@@ -10,15 +11,16 @@
 namespace danet {
 namespace cuda {
 
-// Whether the tensor-core forward / backward run for these inputs: float16 or
-// bfloat16 on a device of compute capability 8.0 or newer with kernels built
+// Whether the tensor-core forward / backward run for these inputs: float16,
+// bfloat16, or float32 with TF32 allowed, on a device of compute capability
+// 8.0 or newer with kernels built
 // for it, DANET_EXT_TENSOR_CORES not "0" (read at every call), and the shape
 // within the kernels' limits (forward: Cq <= 512 and its shared memory within
 // the device's; backward: Cq <= 64, any C).
 bool use_tensor_core_forward(const at::Tensor& value, int64_t Cq);
 bool use_tensor_core_backward(const at::Tensor& value, int64_t Cq, int64_t C);
 
-// q, k: (B, Cq, H, W) and v: (B, C, H, W), contiguous, of one 16-bit dtype,
+// q, k: (B, Cq, H, W) and v: (B, C, H, W), contiguous, of one dtype,
 // validated by the caller, with B and N = H*W non-zero; out: (B, C, H, W) of
 // v's dtype, contiguous; stats: (B, 2, N) float32, receives each query's score
 // maximum and inverse sum of exponentials.

@@ -36,7 +36,8 @@
 //   * float16 / bfloat16 are c10::Half / c10::BFloat16, whose float
 //     conversions round to nearest even, as the device's __float2half_rn /
 //     __float2bfloat16_rn do.
-//   * mma.sync m16n8k16 (float16/bfloat16 in, float32 accumulators) and
+//   * mma.sync m16n8k16 (float16/bfloat16 in, float32 accumulators), m16n8k8
+//     on TF32 (operands rounded by cvt.rna.tf32.f32, read as their top 19 bits), and
 //     ldmatrix m8n8 (x1/x2/x4, with and without .trans), as the kernels reach
 //     them through csrc/cuda/mma_sm80.cuh: warp collectives that place every
 //     element exactly where the PTX ISA's fragment tables put it (the lane
@@ -828,7 +829,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, TD>& d, const fragment<ma
 }  // namespace wmma
 }  // namespace nvcuda
 
-// ---- PTX mma.sync m16n8k16 and ldmatrix (csrc/cuda/mma_sm80.cuh) ------------
+// ---- PTX mma.sync m16n8k16 / m16n8k8.tf32 and ldmatrix (csrc/cuda/mma_sm80.cuh)
 // Lane = 4 g + t. Fragment tables of the PTX ISA ("Matrix fragments for
 // mma.m16n8k16 with floating point type"), two 16-bit values per register, the
 // first in the low half:
@@ -893,6 +894,59 @@ template <typename M>
 inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b) {
   MmaArg arg{d, a, b};
   warp_collective(0xffffffffu, "mma.sync.m16n8k16", &arg, complete_mma<M>);
+}
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, round to nearest with ties away from zero.
+inline uint32_t to_tf32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7F800000u) == 0x7F800000u) return bits;  // inf, NaN
+  return (bits + 0x1000u) & ~0x1FFFu;
+}
+// The value the tensor cores see in a TF32 operand register: its top 19 bits.
+inline float tf32_value(uint32_t r) {
+  r &= ~0x1FFFu;
+  float v;
+  std::memcpy(&v, &r, 4);
+  return v;
+}
+
+inline void complete_mma_tf32(void** args, unsigned) {
+  float A[16][8], B[8][8], D[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const auto* x = static_cast<MmaArg*>(args[lane]);
+    const int g = lane / 4, t = lane % 4;
+    A[g][t] = tf32_value(x->a[0]);
+    A[g + 8][t] = tf32_value(x->a[1]);
+    A[g][t + 4] = tf32_value(x->a[2]);
+    A[g + 8][t + 4] = tf32_value(x->a[3]);
+    B[t][g] = tf32_value(x->b[0]);
+    B[t + 4][g] = tf32_value(x->b[1]);
+    for (int h = 0; h < 2; ++h) {
+      D[g][2 * t + h] = x->d[h];
+      D[g + 8][2 * t + h] = x->d[2 + h];
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      float acc = D[r][c];
+      for (int k = 0; k < 8; ++k) acc += A[r][k] * B[k][c];  // TF32 products are exact in float
+      D[r][c] = acc;
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    auto* x = static_cast<MmaArg*>(args[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      x->d[h] = D[g][2 * t + h];
+      x->d[2 + h] = D[g + 8][2 * t + h];
+    }
+  }
+}
+
+// d += a b on TF32 operands (m16n8k8).
+inline void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b) {
+  MmaArg arg{d, a, b};
+  warp_collective(0xffffffffu, "mma.sync.m16n8k8.tf32", &arg, complete_mma_tf32);
 }
 
 struct LdArg {

@@ -27,19 +27,22 @@ void dispatch(at::ScalarType st, F&& f) {
   }
 }
 
-// float16 / bfloat16 with their MMA types (the same types in the emulation).
+// The tensor-core operand kinds: float16 / bfloat16 (Mma16) and float32 on TF32.
+using danet::cuda::Mma16;
+using danet::cuda::MmaTf32;
 template <typename F>
-void dispatch16(at::ScalarType st, F&& f) {
+void dispatch_tc(at::ScalarType st, F&& f) {
   switch (st) {
-    case at::kHalf: f(c10::Half{}, __half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}, __nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "the tensor-core kernels take float16/bfloat16; got ", st);
+    case at::kHalf: f(c10::Half{}, Mma16<__half>{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}, Mma16<__nv_bfloat16>{}); break;
+    case at::kFloat: f(float{}, MmaTf32{}); break;
+    default: TORCH_CHECK(false, "the tensor-core kernels take float16/bfloat16/float32 (TF32); got ", st);
   }
 }
 
-template <typename M>
-const M* as_mma(const Tensor& t) {
-  return reinterpret_cast<const M*>(t.data_ptr());
+template <typename Tr>
+const typename Tr::E* as_operand(const Tensor& t) {
+  return reinterpret_cast<const typename Tr::E*>(t.data_ptr());
 }
 
 void check_cpu(const Tensor& t) { TORCH_CHECK(t.device().is_cpu(), "emulated kernels take CPU tensors"); }
@@ -54,14 +57,14 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
   Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {out, stats};
   if (tensor_cores) {
-    TORCH_CHECK(danet::cuda::tensor_core_forward_fits(Cq, danet::cuda::kMaxSharedBytes),
-                "the tensor-core forward takes Cq <= ", danet::cuda::kTcMaxCqForward);
-    dispatch16(v.scalar_type(), [&](auto tag, auto mma_tag) {
+    dispatch_tc(v.scalar_type(), [&](auto tag, auto traits) {
       using T = decltype(tag);
-      using M = decltype(mma_tag);
-      danet::cuda::position_attention_forward_tensor_cores_launch<M, T>(
-          as_mma<M>(q), as_mma<M>(k), as_mma<M>(v), out.data_ptr<T>(), stats.data_ptr<float>(), B, Cq, C, N,
-          nullptr);
+      using Tr = decltype(traits);
+      TORCH_CHECK(danet::cuda::tensor_core_forward_fits<Tr>(Cq, danet::cuda::kMaxSharedBytes),
+                  "the tensor-core forward takes Cq <= ", danet::cuda::kTcMaxCqForward);
+      danet::cuda::position_attention_forward_tensor_cores_launch<Tr, T>(
+          as_operand<Tr>(q), as_operand<Tr>(k), as_operand<Tr>(v), out.data_ptr<T>(), stats.data_ptr<float>(), B,
+          Cq, C, N, nullptr);
     });
     return {out, stats};
   }
@@ -90,21 +93,21 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
   if (B == 0 || N == 0) return {dq_acc.to(q.scalar_type()), dk_acc.to(k.scalar_type()), dv};
   Tensor row_dot = at::empty({B, N}, stats.options());
   if (tensor_cores) {
-    TORCH_CHECK(danet::cuda::tensor_core_backward_fits(Cq, danet::cuda::kMaxSharedBytes),
-                "the tensor-core backward takes Cq <= ", danet::cuda::kTcMaxCqBackward);
-    dispatch16(v.scalar_type(), [&](auto tag, auto mma_tag) {
+    dispatch_tc(v.scalar_type(), [&](auto tag, auto traits) {
       using T = decltype(tag);
-      using M = decltype(mma_tag);
+      using Tr = decltype(traits);
+      TORCH_CHECK(danet::cuda::tensor_core_backward_fits<Tr>(Cq, danet::cuda::kMaxSharedBytes),
+                  "the tensor-core backward takes Cq <= ", danet::cuda::kTcMaxCqBackward);
       danet::cuda::position_attention_row_dot_launch<T>(go.data_ptr<T>(), o.data_ptr<T>(), row_dot.data_ptr<float>(),
-                                                        B, C, N, nullptr);
+                                                        B, C, N, nullptr, std::is_same<Tr, MmaTf32>::value);
       // the split of the query range and the V staging an H100 (132 SMs, 227 KiB a block,
       // 228 KiB an SM) would get, unless v_resident (0 or 1) forces the staging
       const int64_t splits = danet::cuda::grad_qk_tc_splits(B, N, 132);
       const bool resident = v_resident >= 0 ? v_resident == 1
-                                            : danet::cuda::grad_qk_tc_v_resident(Cq, C, 232448, 233472);
+                                            : danet::cuda::grad_qk_tc_v_resident<Tr>(Cq, C, 232448, 233472);
       Tensor dk_parts = splits > 1 ? at::empty({splits, B, Cq, N}, dk_acc.options()) : Tensor();
-      danet::cuda::position_attention_backward_tensor_cores_launch<M, T>(
-          as_mma<M>(go), as_mma<M>(q), as_mma<M>(k), as_mma<M>(v), stats.data_ptr<float>(),
+      danet::cuda::position_attention_backward_tensor_cores_launch<Tr, T>(
+          as_operand<Tr>(go), as_operand<Tr>(q), as_operand<Tr>(k), as_operand<Tr>(v), stats.data_ptr<float>(),
           row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
           splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, resident,
           nullptr);
@@ -219,10 +222,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cam_backward", &cam_backward);
   m.def("selftest", &selftest);
   m.def("grad_qk_splits", &danet::cuda::grad_qk_tc_splits, py::arg("B"), py::arg("N"), py::arg("sm_count"));
-  m.def("grad_qk_v_resident", &danet::cuda::grad_qk_tc_v_resident, py::arg("Cq"), py::arg("C"),
-        py::arg("max_shared_block"), py::arg("shared_per_sm"));
-  m.def("tensor_core_forward_fits", &danet::cuda::tensor_core_forward_fits, py::arg("Cq"), py::arg("max_shared"));
-  m.def("tensor_core_backward_fits", &danet::cuda::tensor_core_backward_fits, py::arg("Cq"),
-        py::arg("max_shared"));
+  // Host decisions of the launchers, per operand kind (tf32: float32 on TF32).
+  m.def("grad_qk_v_resident", [](int64_t Cq, int64_t C, int64_t block, int64_t sm, bool tf32) {
+    return tf32 ? danet::cuda::grad_qk_tc_v_resident<MmaTf32>(Cq, C, block, sm)
+                : danet::cuda::grad_qk_tc_v_resident<Mma16<__half>>(Cq, C, block, sm);
+  }, py::arg("Cq"), py::arg("C"), py::arg("max_shared_block"), py::arg("shared_per_sm"), py::arg("tf32") = false);
+  m.def("tensor_core_forward_fits", [](int64_t Cq, int64_t max_shared, bool tf32) {
+    return tf32 ? danet::cuda::tensor_core_forward_fits<MmaTf32>(Cq, max_shared)
+                : danet::cuda::tensor_core_forward_fits<Mma16<__half>>(Cq, max_shared);
+  }, py::arg("Cq"), py::arg("max_shared"), py::arg("tf32") = false);
+  m.def("tensor_core_backward_fits", [](int64_t Cq, int64_t max_shared, bool tf32) {
+    return tf32 ? danet::cuda::tensor_core_backward_fits<MmaTf32>(Cq, max_shared)
+                : danet::cuda::tensor_core_backward_fits<Mma16<__half>>(Cq, max_shared);
+  }, py::arg("Cq"), py::arg("max_shared"), py::arg("tf32") = false);
   m.def("set_timeout", &set_timeout);
 }

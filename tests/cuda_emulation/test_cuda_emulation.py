@@ -124,9 +124,11 @@ TENSOR_CORE_CASES = [(2, 8, 64, (7, 9), 0.5), (1, 64, 128, (9, 15), 0.5), (1, 1,
                      (1, 48, 24, (12, 12), 0.5), (1, 64, 520, (5, 13), 0.5)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("B,Cq,C,HW,scale", TENSOR_CORE_CASES)
 def test_tensor_core_kernels(emu, dtype, B, Cq, C, HW, scale):
+    """float16/bfloat16 on mma.sync m16n8k16; float32 on TF32 (m16n8k8, the path
+    taken where torch.backends.cuda.matmul.allow_tf32 allows it)."""
     q, k, v = make_inputs(B, Cq, C, *HW, dtype, scale)
     truth = reference.position_attention(*(t.double() for t in (q, k, v)))
     out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
@@ -135,6 +137,18 @@ def test_tensor_core_kernels(emu, dtype, B, Cq, C, HW, scale):
     grad_out = torch.randn_like(v)
     grads = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=backward_on_tensor_cores)
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+    if dtype == torch.float32:
+        # TF32 keeps 10 mantissa bits: the yardstick is the official code with its
+        # products on TF32 operands, forward and backward (cuBLAS under allow_tf32)
+        same, same_grads = reference_grads(reference_tf32, [q, k, v], grad_out)
+        assert_within_twice_pytorch(out, same, truth, atol=1e-6)
+        if scale > 1.0:
+            return
+        _, truth_grads = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)],
+                                         grad_out.double())
+        for g, sg, tg in zip(grads, same_grads, truth_grads):
+            assert_within_twice_pytorch(g, sg, tg, atol=1e-6 * max(1.0, tg.abs().max().item()))
+        return
     if scale > 1.0:
         tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
         assert max_err(out, truth) < tol
@@ -165,6 +179,38 @@ def test_tensor_core_backward_stages_v_either_way(emu, dtype):
     assert emu.grad_qk_v_resident(64, 512, 232448, 233472)
     assert not emu.grad_qk_v_resident(64, 1024, 232448, 233472)
     assert not emu.grad_qk_v_resident(64, 512, 166912, 167936)
+
+
+def tf32(t):
+    """float32 rounded to TF32 as cvt.rna.tf32.f32 does (10 mantissa bits, ties away from zero)."""
+    bits = t.float().contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = torch.where(finite, (bits + 0x1000) & ~0x1FFF, bits)
+    return rounded.view(torch.float32)
+
+
+class _Tf32Bmm(torch.autograd.Function):
+    """bmm on TF32 operands (float64 sums, float32 result), its gradients likewise:
+    what cuBLAS computes for float32 under allow_tf32."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.bmm(tf32(a).double(), tf32(b).double()).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g64 = tf32(g).double()
+        return (torch.bmm(g64, tf32(b).double().transpose(1, 2)).float(),
+                torch.bmm(tf32(a).double().transpose(1, 2), g64).float())
+
+
+def reference_tf32(q, k, v):
+    """The official maths (reference.position_attention) with both bmms on TF32."""
+    B, C, H, W = v.shape
+    energy = _Tf32Bmm.apply(q.flatten(2).transpose(1, 2), k.flatten(2))
+    return _Tf32Bmm.apply(v.flatten(2), torch.softmax(energy, -1).transpose(1, 2)).view(B, C, H, W)
 
 
 def test_tensor_core_backward_matches_the_cuda_core_backward(emu):
@@ -205,6 +251,9 @@ def test_tensor_core_kernels_fit_every_device(emu, arch):
     assert emu.tensor_core_forward_fits(320, limit) == (arch != "sm_86")  # 108 KiB
     assert emu.tensor_core_forward_fits(512, limit) == (arch != "sm_86")  # 162 KiB
     assert not emu.tensor_core_backward_fits(65, limit) and not emu.tensor_core_forward_fits(513, limit)
+    # TF32 tiles hold 4-byte elements: DANet's shapes still fit every device
+    assert emu.tensor_core_forward_fits(64, limit, tf32=True) and emu.tensor_core_backward_fits(64, limit, tf32=True)
+    assert emu.tensor_core_forward_fits(128, limit, tf32=True) == (arch != "sm_86")  # 102 KiB
 
 
 def test_tensor_core_limits_are_errors(emu):
@@ -212,8 +261,8 @@ def test_tensor_core_limits_are_errors(emu):
     out, stats = emu.pam_forward(q, k, v, tensor_cores=True)  # the forward takes Cq up to 512
     with pytest.raises(RuntimeError, match="Cq <= 64"):
         emu.pam_backward(torch.randn_like(v), q, k, v, out, stats, tensor_cores=True)
-    with pytest.raises(RuntimeError, match="float16/bfloat16"):
-        emu.pam_forward(q.float(), k.float(), v.float(), tensor_cores=True)
+    with pytest.raises(RuntimeError, match="float16/bfloat16/float32"):
+        emu.pam_forward(q.double(), k.double(), v.double(), tensor_cores=True)
 
 
 def check_cam(emu, B, C, H, W, dtype, scale=1.0):
@@ -382,9 +431,11 @@ def test_selftest_assumed_fragment_order_gives_wrong_results(emu):
 MUTATIONS = {
     # every barrier of the CUDA-core position attention kernels removed
     "position_attention_kernels.cuh": [("__syncthreads();", "/* barrier removed */;")],
-    # the scores' A operand (Q^T, K^T) loaded without .trans: a wrong fragment layout
-    "position_attention_tensor_cores_kernels.cuh": [
-        ("ldmatrix<4, true>(af, a + (kc", "ldmatrix<4, false>(af, a + (kc")],
+    # the 16-bit A operand of the scores (Q^T, K^T, dS) loaded without .trans, and the
+    # TF32 probabilities' A fragment with two slots exchanged: wrong fragment layouts
+    "position_attention_tensor_cores_tiles.cuh": [
+        ("ldmatrix<4, true>(f, a + (k0", "ldmatrix<4, false>(f, a + (k0"),
+        ("    a[1] = to_tf32(p[kk][2]);  // (g + 8, 2t)  -> slot t", "    a[1] = to_tf32(p[kk][1]);")],
     # the CAM row kernels skip their block reductions: each thread shifts the softmax by
     # its own partial row minimum, and the backward uses each thread's partial dot product
     "channel_attention_kernels.cuh": [
@@ -421,6 +472,13 @@ def test_mutant_with_wrong_fragment_layout_fails(mutant):
     found = fails_against_reference(lambda: (mutant.pam_forward(q, k, v, tensor_cores=True)[0],
                                              reference.position_attention(q.double(), k.double(), v.double())))
     assert found, "a wrong mma fragment layout went unnoticed"
+
+
+def test_mutant_with_wrong_tf32_fragment_fails(mutant):
+    q, k, v = make_inputs(1, 16, 40, 9, 11, torch.float32, 0.5)
+    found = fails_against_reference(lambda: (mutant.pam_forward(q, k, v, tensor_cores=True)[0],
+                                             reference.position_attention(q.double(), k.double(), v.double())))
+    assert found, "a wrong TF32 fragment layout went unnoticed"
 
 
 # The tensor-core kernels without their barriers (a separate build: it must fail on its own).
