@@ -63,7 +63,9 @@ def build_info() -> dict:
 
     Keys: ``extension`` (bool), ``backends`` (e.g. ["cpu", "cuda"]),
     ``cuda_arch_list``, ``torch_version`` and ``cuda_version`` it was built
-    against, ``version``; plus ``runtime_torch_version`` and ``cuda_available``.
+    against, ``version``; plus ``runtime_torch_version`` and ``cuda_available``,
+    the CPU (``cpu``, ``cpu_bfloat16``) and, with CUDA kernels, ``cuda_paths``:
+    which kernels run which dtype.
     """
     if HAVE_EXTENSION:
         info = dict(_COMPILED_INFO, extension=True)
@@ -84,7 +86,23 @@ def build_info() -> dict:
                                       f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
                                      if fast_bf16 else []),
     }
+    if "cuda" in info["backends"]:
+        info["cuda_paths"] = CUDA_PATHS
     return info
+
+
+# Which CUDA kernels run what (csrc/cuda; README, "How it works").
+CUDA_PATHS = {
+    "position_attention float16/bfloat16": "tensor cores (mma.sync m16n8k16) on compute capability >= 8.0 "
+                                            "where the shape fits (forward Cq <= 512, backward Cq <= 64), "
+                                            "CUDA cores otherwise",
+    "position_attention float32": "TF32 tensor cores where torch.backends.cuda.matmul.allow_tf32 allows, "
+                                  "CUDA cores (full float32) otherwise",
+    "position_attention backward": "dQ accumulated with float32 atomics: raises under "
+                                   "torch.use_deterministic_algorithms(True)",
+    "channel_attention": "products on cuBLAS (float32 output for 16-bit inputs), row softmax kernels",
+    "DANET_EXT_TENSOR_CORES=0": "forces the CUDA-core kernels",
+}
 
 
 def has_kernel(device_type: str) -> bool:

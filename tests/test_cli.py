@@ -23,6 +23,8 @@ def test_info_prints_build_info(capsys):
     out = capsys.readouterr().out
     info, _ = json.JSONDecoder().raw_decode(out)  # the JSON object printed first
     assert set(info["cpu_bfloat16"]) == {"products", "auto_takes_reference_for"}
+    if "cuda" in info["backends"]:  # which CUDA kernels run which dtype
+        assert "TF32" in info["cuda_paths"]["position_attention float32"]
     assert info["runtime_torch_version"] == torch.__version__
     assert "devices visible: cpu" in out
 

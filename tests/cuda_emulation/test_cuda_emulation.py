@@ -1,8 +1,9 @@
 """The CUDA kernels, run on the CPU by the CUDA emulation (cuda_emulation.h),
 against the pure-PyTorch reference with the CUDA tests' tolerances; the
 emulation's self-tests (broken kernels must be reported); mutated kernels
-(barriers removed, WMMA layout swapped, block reductions of the CAM row kernels
-skipped) must fail; the
+(barriers removed, a 16-bit or TF32 fragment layout broken, block reductions of
+the CAM row kernels skipped) must fail; the tensor-core kernels' host decisions
+(query-range splits, V staging, shared memory per device); the
 AddressSanitizer and ThreadSanitizer builds on a smaller grid.
 
 Run with `make test-cuda-emulated` (collected only when DANET_EXT_CUDA_EMULATION=1).
