@@ -64,6 +64,8 @@ if want sanitize; then
   fi
 fi
 if want bench; then
+  # the predictions beside which the measurements go (registers read from this build)
+  step perf_model $PY benchmarks/gpu_perf_model.py --out "$DIR/gpu_perf_model.md"
   for dtype in float32 float16 bfloat16; do
     step bench_pam_$dtype $PY benchmarks/bench_position_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
     step bench_cam_$dtype $PY benchmarks/bench_channel_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
