@@ -64,7 +64,7 @@ def build_info() -> dict:
     Keys: ``extension`` (bool), ``backends`` (e.g. ["cpu", "cuda"]),
     ``cuda_arch_list``, ``torch_version`` and ``cuda_version`` it was built
     against, ``version``; plus ``runtime_torch_version`` and ``cuda_available``,
-    the CPU (``cpu``, ``cpu_bfloat16``) and, with CUDA kernels, ``cuda_paths``:
+    the CPU (``cpu``, ``cpu_bfloat16``, ``cpu_float16``) and, with CUDA kernels, ``cuda_paths``:
     which kernels run which dtype.
     """
     if HAVE_EXTENSION:
@@ -79,6 +79,10 @@ def build_info() -> dict:
     from .ops import AUTO_REFERENCE_MAX_POSITIONS
 
     fast_bf16 = hardware.has_fast_bfloat16()
+    # float16 position attention multiplies in float16 where the CPU has AVX512-FP16 or AMX-FP16
+    # (csrc/cpu/reduced_precision_gemm.h); channel attention stays float32 in float16
+    info["cpu_float16"] = {"position_attention products": "float16 (oneDNN)" if hardware.has_fast_float16()
+                           else "float32", "channel_attention products": "float32"}
     info["cpu"] = hardware.describe_cpu()
     info["cpu_bfloat16"] = {
         "products": "bfloat16 (oneDNN)" if fast_bf16 else "float32",

@@ -184,7 +184,7 @@ def test_autocast(device):
 
 
 # bfloat16 on the CPU: products in bfloat16 on CPUs with bfloat16 hardware, float32
-# elsewhere (csrc/cpu/bf16_gemm.h). Both paths run here, forced by the switch.
+# elsewhere (csrc/cpu/reduced_precision_gemm.h). Both paths run here, forced by the switch.
 CPU_BF16_PATHS = {"bfloat16-products": "1", "float32-products": "0"}
 
 

@@ -332,7 +332,7 @@ def test_cuda_backward_is_refused_under_deterministic_algorithms(dtype):
         torch.use_deterministic_algorithms(False)
 
 
-# bfloat16 on the CPU has two paths (csrc/cpu/bf16_gemm.h): products in bfloat16 on
+# bfloat16 on the CPU has two paths (csrc/cpu/reduced_precision_gemm.h): products in bfloat16 on
 # CPUs with bfloat16 hardware, float32 elsewhere. Both run here, forced by the switch.
 CPU_BF16_PATHS = {"bfloat16-products": "1", "float32-products": "0"}
 
@@ -355,6 +355,42 @@ def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, Cq,
         assert_within_twice_pytorch(g, rg, tg)
     _, stats = op.position_attention_forward(*inputs)
     assert_stats_of_scores(stats, *inputs[:2], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+# float16 on the CPU: products in float16 where the CPU has AVX512-FP16 or AMX-FP16,
+# float32 elsewhere (csrc/cpu/reduced_precision_gemm.h); both run here, forced.
+CPU_FP16_PATHS = {"float16-products": "1", "float32-products": "0"}
+
+
+@pytest.mark.parametrize("path", CPU_FP16_PATHS)
+@pytest.mark.parametrize("B,Cq,C,HW,scale", [(2, 8, 64, (17, 23), 0.5), (1, 64, 512, (32, 32), 0.5),
+                                             (1, 1, 5, (7, 9), 0.5), (1, 16, 24, (65, 65), 0.5),
+                                             (2, 16, 32, (9, 13), 2.0)])
+def test_cpu_float16_paths_within_twice_pytorch_error(monkeypatch, path, B, Cq, C, HW, scale):
+    monkeypatch.setenv("DANET_EXT_CPU_FP16_GEMM", CPU_FP16_PATHS[path])
+    inputs = make_inputs(B, Cq, C, *HW, "cpu", torch.float16, scale=scale)
+    grad_out = torch.randn(B, C, *HW).half()
+    truth, truth_grads = grads_of(reference.position_attention, [t.double() for t in inputs], grad_out.double())
+    out, grads = grads_of(ext_position_attention, inputs, grad_out)
+    ref, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
+    assert out.dtype == torch.float16
+    assert_within_twice_pytorch(out, ref, truth)
+    for g, rg, tg in zip(grads, ref_grads, truth_grads):
+        assert_within_twice_pytorch(g, rg, tg)
+    _, stats = op.position_attention_forward(*inputs)
+    assert_stats_of_scores(stats, *inputs[:2], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+def test_cpu_float16_switch_changes_the_path(monkeypatch):
+    inputs = make_inputs(1, 8, 64, 16, 16, "cpu", torch.float16)
+    outs = []
+    for flag in CPU_FP16_PATHS.values():
+        monkeypatch.setenv("DANET_EXT_CPU_FP16_GEMM", flag)
+        outs.append(op.position_attention_forward(*inputs)[0])
+    assert not torch.equal(outs[0], outs[1])  # P rounded to float16 before the product, or not
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)
+    assert set(danet_ext.build_info()["cpu_float16"]) == {"position_attention products",
+                                                         "channel_attention products"}
 
 
 def test_cpu_bfloat16_switch_changes_the_path(monkeypatch):

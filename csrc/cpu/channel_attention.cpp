@@ -3,9 +3,11 @@
 // With X = x[b] as C x N:  E = X X^T,  A = softmax(rowmax(E) - E) = a stable
 // softmax(-E) (each row shifted by its minimum),  out = A X.
 // The two products are BLAS GEMMs (blas.h); the softmax between them is one
-// fused, vectorised pass per row. float16 is computed in float32; so is bfloat16,
-// except on CPUs with bfloat16 hardware (bf16_gemm.h), where the products run in
-// bfloat16 and E, A and the softmax stay float32 (forward_bf16 below).
+// fused, vectorised pass per row. float16 is computed in float32 on every CPU
+// (a float16 Gram matrix of post-ReLU features overflows 65504 long before
+// bfloat16's range ends); so is bfloat16, except on CPUs with bfloat16 hardware
+// (reduced_precision_gemm.h), where the products run in bfloat16 and E, A and
+// the softmax stay float32 (forward_bf16 below).
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -15,7 +17,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "bf16_gemm.h"
+#include "reduced_precision_gemm.h"
 #include "blas.h"
 #include "row_ops.h"
 
@@ -152,7 +154,7 @@ at::Tensor backward_bf16(const at::Tensor& grad_out, const at::Tensor& x_in, con
 
 std::tuple<at::Tensor, at::Tensor> channel_attention_forward_cpu(const at::Tensor& x_in) {
   check_channel_attention_inputs(x_in);
-  if (x_in.scalar_type() == at::kBFloat16 && use_bf16_gemm() && x_in.numel() > 0) return forward_bf16(x_in);
+  if (x_in.scalar_type() == at::kBFloat16 && use_reduced_precision_gemm(at::kBFloat16) && x_in.numel() > 0) return forward_bf16(x_in);
   const auto ct = accumulate_type(x_in.scalar_type());
   const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
   at::Tensor x = x_in.to(ct).contiguous();
@@ -171,7 +173,7 @@ at::Tensor channel_attention_backward_cpu(const at::Tensor& grad_out,
                                           const at::Tensor& x_in,
                                           const at::Tensor& attention) {
   check_channel_attention_backward_inputs(grad_out, x_in, attention);
-  if (x_in.scalar_type() == at::kBFloat16 && use_bf16_gemm() && x_in.numel() > 0)
+  if (x_in.scalar_type() == at::kBFloat16 && use_reduced_precision_gemm(at::kBFloat16) && x_in.numel() > 0)
     return backward_bf16(grad_out, x_in, attention);
   const auto ct = accumulate_type(x_in.scalar_type());
   const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);

@@ -7,9 +7,10 @@
 // attention_math.h) and keeps a normalised (C x BLOCK_Q) accumulator per query block; the
 // backward recomputes each score tile from the saved log-sum-exp. Every tile
 // product is a GEMM (blas.h); exp and the row reductions are vectorised loops
-// (row_ops.h). float16 inputs are computed in float32; bfloat16 ones too, except
-// on CPUs with bfloat16 hardware, where O = V P^T (forward) and the four backward
-// products after the score recomputation run in bfloat16 (bf16_gemm.h).
+// (row_ops.h). bfloat16 and float16 inputs are computed in float32, except on
+// CPUs with hardware for that dtype (AVX512-BF16/AMX-BF16, AVX512-FP16/AMX-FP16),
+// where O = V P^T (forward) and the four backward products after the score
+// recomputation run in it (reduced_precision_gemm.h).
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -21,7 +22,7 @@
 
 #include "../attention_math.h"
 #include "../checks.h"
-#include "bf16_gemm.h"
+#include "reduced_precision_gemm.h"
 #include "blas.h"
 #include "row_ops.h"
 
@@ -124,26 +125,26 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
   });
 }
 
-// bfloat16 on CPUs with bfloat16 hardware (bf16_gemm.h): O = V P^T, nine
-// tenths of the work at C = 8 Cq, is a bfloat16 product; S = Q^T K is computed
+// bfloat16 / float16 (T16) on CPUs with hardware for it (reduced_precision_gemm.h):
+// O = V P^T, nine tenths of the work at C = 8 Cq, is a T16 product; S = Q^T K is computed
 // in float32 from the (exact) float32 values of Q and K, because rounding the
 // scores to bfloat16, as the reference does, costs ~0.1 to 0.3 of absolute
 // error in its output at logits of a few tens. The online softmax runs in
-// float32, P is rounded to bfloat16 for the product (as the reference rounds
+// float32, P is rounded to T16 for the product (as the reference rounds
 // its softmax), and O stays in float32 across key tiles. Up to 4096 keys (a
 // 64 x 64 map) take one tile, so O is rounded once, as in the reference.
 constexpr int64_t kBf16BlockK = 4096;
 
-void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
-                         at::BFloat16* out, float* stats, int64_t B, int64_t Cq, int64_t C,
-                         int64_t N) {
+template <typename T16>
+void forward_kernel_16(const float* q, const float* k, const T16* v, T16* out, float* stats, int64_t B,
+                       int64_t Cq, int64_t C, int64_t N) {
   const int64_t block_q = balanced_block(N, B, kBlockQ, 32, at::get_num_threads());
   const int64_t q_blocks = (N + block_q - 1) / block_q;
   const int64_t block_k = std::min(N, kBf16BlockK);
   const bool one_tile = block_k == N;
   at::parallel_for(0, B * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> p16(block_q * block_k);
-    std::vector<at::BFloat16> o16(one_tile ? 0 : C * block_q);
+    std::vector<T16> p16(block_q * block_k);
+    std::vector<T16> o16(one_tile ? 0 : C * block_q);
     std::vector<float> scores(block_q * block_k), acc(one_tile ? 0 : C * block_q);
     std::vector<float> row_m(block_q), row_l(block_q), rescale(block_q);
     for (int64_t task = begin; task < end; ++task) {
@@ -152,8 +153,8 @@ void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
       const int64_t bq = std::min(block_q, N - i0);
       const float* qb = q + b * Cq * N;
       const float* kb = k + b * Cq * N;
-      const at::BFloat16* vb = v + b * C * N;
-      at::BFloat16* ob = out + b * C * N + i0;
+      const T16* vb = v + b * C * N;
+      T16* ob = out + b * C * N + i0;
       std::fill(row_m.begin(), row_m.end(), neg_infinity<float>());
       std::fill(row_l.begin(), row_l.end(), 0.f);
       for (int64_t j0 = 0; j0 < N; j0 += block_k) {
@@ -162,16 +163,16 @@ void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
         for (int64_t i = 0; i < bq; ++i) {
           float* row = scores.data() + i * block_k;
           rescale[i] = softmax_tile_row(row, bk, row_m[i], row_l[i]);
-          at::BFloat16* prow = p16.data() + i * block_k;
-          for (int64_t j = 0; j < bk; ++j) prow[j] = static_cast<at::BFloat16>(row[j]);
+          T16* prow = p16.data() + i * block_k;
+          for (int64_t j = 0; j < bk; ++j) prow[j] = static_cast<T16>(row[j]);
         }
         // O tile (C x bq) = V[:, j0:j0+bk] P^T, straight into the output when one tile holds every key
-        bf16_mm(false, true, C, bq, bk, vb + j0, N, p16.data(), block_k, one_tile ? ob : o16.data(),
+        mm16<T16>(false, true, C, bq, bk, vb + j0, N, p16.data(), block_k, one_tile ? ob : o16.data(),
                 one_tile ? N : block_q);
         if (!one_tile) {
           for (int64_t c = 0; c < C; ++c) {
             float* arow = acc.data() + c * block_q;
-            const at::BFloat16* orow = o16.data() + c * block_q;
+            const T16* orow = o16.data() + c * block_q;
             for (int64_t i = 0; i < bq; ++i)
               arow[i] = (j0 > 0 ? arow[i] * rescale[i] : 0.f) + static_cast<float>(orow[i]);
           }
@@ -180,7 +181,7 @@ void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
       if (!one_tile) {
         for (int64_t c = 0; c < C; ++c)
           for (int64_t i = 0; i < bq; ++i)
-            ob[c * N + i] = static_cast<at::BFloat16>(acc[c * block_q + i]);
+            ob[c * N + i] = static_cast<T16>(acc[c * block_q + i]);
       }
       for (int64_t i = 0; i < bq; ++i) {
         stats[(b * 2 + 0) * N + i0 + i] = row_m[i];
@@ -200,15 +201,15 @@ void forward_kernel_bf16(const float* q, const float* k, const at::BFloat16* v,
 // chunk of tasks adds its dQ contributions into private (Cq x N) buffers, one
 // per image it touches (a chunk spans at most a few images), summed at the end
 // in chunk order, so that runs with the same thread count agree to the bit.
-template <typename scalar_t>
+template <typename scalar_t, typename T16 = at::BFloat16>
 void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* out, const scalar_t* stats,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
                      int64_t Cq, int64_t C, int64_t N,
-                     const at::BFloat16* const* inputs16 = nullptr) {
-  // With inputs16 = {dO, Q, K, V} in bfloat16 (bfloat16 inputs on bfloat16
-  // hardware): the products dV += dO P, dP = dO^T V, dK += Q dS and dQ += K dS^T
-  // run in bfloat16 (bf16_gemm.h), P and dS rounded to bfloat16 as the
+                     const T16* const* inputs16 = nullptr) {
+  // With inputs16 = {dO, Q, K, V} in T16 (bfloat16 / float16 inputs on hardware
+  // for it): the products dV += dO P, dP = dO^T V, dK += Q dS and dQ += K dS^T
+  // run in T16 (reduced_precision_gemm.h), P and dS rounded to T16 as the
   // reference rounds its softmax and its gradient; the recomputed scores, the
   // softmax and every sum across tiles stay float32.
   const bool lowp = inputs16 != nullptr;
@@ -241,7 +242,7 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   std::mutex dq_chunks_mutex;
   at::parallel_for(0, B * k_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
-    std::vector<at::BFloat16> p16(lowp ? kBwdBlockQ * block_k : 0), ds16(lowp ? kBwdBlockQ * block_k : 0),
+    std::vector<T16> p16(lowp ? kBwdBlockQ * block_k : 0), ds16(lowp ? kBwdBlockQ * block_k : 0),
         prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
     const int64_t first_image = begin / k_blocks, images = (end - 1) / k_blocks - first_image + 1;
     std::vector<scalar_t> dq_sums(images * Cq * N, scalar_t(0));
@@ -257,10 +258,10 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
       scalar_t* dkb = dk + b * Cq * N;
       scalar_t* dvb = dv + b * C * N;
       scalar_t* dq_mine = dq_sums.data() + (b - first_image) * Cq * N;
-      const at::BFloat16* do16 = lowp ? inputs16[0] + b * C * N : nullptr;
-      const at::BFloat16* q16 = lowp ? inputs16[1] + b * Cq * N : nullptr;
-      const at::BFloat16* k16 = lowp ? inputs16[2] + b * Cq * N : nullptr;
-      const at::BFloat16* v16 = lowp ? inputs16[3] + b * C * N : nullptr;
+      const T16* do16 = lowp ? inputs16[0] + b * C * N : nullptr;
+      const T16* q16 = lowp ? inputs16[1] + b * Cq * N : nullptr;
+      const T16* k16 = lowp ? inputs16[2] + b * Cq * N : nullptr;
+      const T16* v16 = lowp ? inputs16[3] + b * C * N : nullptr;
       const int64_t j0 = jb * block_k;
       const int64_t bk = std::min(block_k, N - j0);
       for (int64_t i0 = 0; i0 < N; i0 += kBwdBlockQ) {
@@ -283,10 +284,10 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         if (lowp) {
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              p16[i * block_k + j] = static_cast<at::BFloat16>(probs[i * block_k + j]);
-          bf16_mm(false, false, C, bk, bq, do16 + i0, N, p16.data(), block_k, prod16.data(), bk);
+              p16[i * block_k + j] = static_cast<T16>(probs[i * block_k + j]);
+          mm16<T16>(false, false, C, bk, bq, do16 + i0, N, p16.data(), block_k, prod16.data(), bk);
           add_product(dvb + j0, N, C, bk, i0 > 0);
-          bf16_mm(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, ds16.data(), block_k);
+          mm16<T16>(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, ds16.data(), block_k);
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
               dscores[i * block_k + j] = static_cast<scalar_t>(ds16[i * block_k + j]);
@@ -305,10 +306,10 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         if (lowp) {
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              ds16[i * block_k + j] = static_cast<at::BFloat16>(dscores[i * block_k + j]);
-          bf16_mm(false, false, Cq, bk, bq, q16 + i0, N, ds16.data(), block_k, prod16.data(), bk);
+              ds16[i * block_k + j] = static_cast<T16>(dscores[i * block_k + j]);
+          mm16<T16>(false, false, Cq, bk, bq, q16 + i0, N, ds16.data(), block_k, prod16.data(), bk);
           add_product(dkb + j0, N, Cq, bk, i0 > 0);
-          bf16_mm(false, true, Cq, bq, bk, k16 + j0, N, ds16.data(), block_k, prod16.data(), bq);
+          mm16<T16>(false, true, Cq, bq, bk, k16 + j0, N, ds16.data(), block_k, prod16.data(), bq);
           add_product(dq_mine + i0, N, Cq, bq, true);
         } else {
           gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
@@ -353,14 +354,16 @@ std::tuple<at::Tensor, at::Tensor> position_attention_forward_cpu(
   const auto ct = compute_type(value);
   const int64_t B = value.size(0), C = value.size(1), H = value.size(2),
                 W = value.size(3), Cq = query.size(1), N = H * W;
-  if (value.scalar_type() == at::kBFloat16 && use_bf16_gemm()) {
+  if (use_reduced_precision_gemm(value.scalar_type())) {  // bfloat16 / float16 products
     at::Tensor q = as_compute(query, at::kFloat), k = as_compute(key, at::kFloat), v = value.contiguous();
     at::Tensor out = at::empty({B, C, H, W}, v.options());
     at::Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
-    if (B * N > 0)
-      forward_kernel_bf16(q.data_ptr<float>(), k.data_ptr<float>(),
-                          v.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
-                          stats.data_ptr<float>(), B, Cq, C, N);
+    if (B * N > 0) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(v.scalar_type(), "position_attention_forward_cpu_16", [&] {
+        forward_kernel_16<scalar_t>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>(), stats.data_ptr<float>(), B, Cq, C, N);
+      });
+    }
     return {out, stats};
   }
   at::Tensor q = as_compute(query, ct), k = as_compute(key, ct), v = as_compute(value, ct);
@@ -390,23 +393,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  const bool lowp = value.scalar_type() == at::kBFloat16 && use_bf16_gemm();
-  std::vector<at::Tensor> keep16;  // dO, Q, K, V in bfloat16, contiguous
-  std::vector<const at::BFloat16*> ptr16;
-  if (lowp) {
-    for (const at::Tensor* t : {&grad_out, &query, &key, &value}) {
-      keep16.push_back(t->contiguous());
-      ptr16.push_back(keep16.back().data_ptr<at::BFloat16>());
-    }
+  // bfloat16 / float16 products: dO, Q, K, V in that dtype, contiguous, as well
+  std::vector<at::Tensor> keep16;
+  if (use_reduced_precision_gemm(value.scalar_type())) {
+    for (const at::Tensor* t : {&grad_out, &query, &key, &value}) keep16.push_back(t->contiguous());
   }
   if (B * N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "position_attention_backward_cpu", [&] {
-      backward_kernel<scalar_t>(go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                                k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                o.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
-                                dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                                dv.data_ptr<scalar_t>(), B, Cq, C, N,
-                                lowp ? ptr16.data() : nullptr);
+      auto run = [&](auto tag) {
+        using T16 = decltype(tag);
+        std::vector<const T16*> ptr16;
+        for (const at::Tensor& t : keep16) ptr16.push_back(t.data_ptr<T16>());
+        backward_kernel<scalar_t, T16>(go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                       v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
+                                       dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                                       B, Cq, C, N, keep16.empty() ? nullptr : ptr16.data());
+      };
+      if (value.scalar_type() == at::kHalf) run(at::Half{});
+      else run(at::BFloat16{});
     });
   }
   const auto dt = value.scalar_type();
