@@ -86,6 +86,9 @@ def build_info() -> dict:
     info["cpu"] = hardware.describe_cpu()
     info["cpu_bfloat16"] = {
         "products": "bfloat16 (oneDNN)" if fast_bf16 else "float32",
+        # csrc/cpu/bf16_scores.h; DANET_EXT_CPU_BF16_SCORES=0 forces the float32 GEMM
+        "position_attention scores": ("float32 sums of exact bfloat16 products (AVX512-BF16)"
+                                      if hardware.has_avx512_bf16() else "float32 GEMM"),
         "auto_takes_reference_for": (["channel_attention",
                                       f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
                                      if fast_bf16 else []),

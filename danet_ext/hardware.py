@@ -48,6 +48,11 @@ def has_fast_bfloat16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def has_avx512_bf16() -> bool:
+    """AVX512-BF16 (vdpbf16ps): the CPU kernels' bfloat16 score tiles use it (csrc/cpu/bf16_scores.h)."""
+    return {"avx512f", "avx512_bf16"} <= cpu_flags()
+
+
 def has_fast_float16() -> bool:
     """float16 matmul in hardware: AVX512-FP16 or AMX-FP16."""
     return bool({"avx512_fp16", "amx_fp16"} & cpu_flags())

@@ -332,18 +332,32 @@ def test_cuda_backward_is_refused_under_deterministic_algorithms(dtype):
         torch.use_deterministic_algorithms(False)
 
 
-# bfloat16 on the CPU has two paths (csrc/cpu/reduced_precision_gemm.h): products in bfloat16 on
-# CPUs with bfloat16 hardware, float32 elsewhere. Both run here, forced by the switch.
-CPU_BF16_PATHS = {"bfloat16-products": "1", "float32-products": "0"}
+# bfloat16 on the CPU has three paths: products in bfloat16 on CPUs with bfloat16 hardware
+# (csrc/cpu/reduced_precision_gemm.h), their score tiles from bfloat16 pairs on AVX512-BF16
+# (csrc/cpu/bf16_scores.h) or from a float32 GEMM, and float32 throughout elsewhere. All
+# run here, forced by the switches (the AVX512-BF16 one only where the CPU has it).
+CPU_BF16_PATHS = {
+    "bfloat16-products-avx512bf16-scores": {"DANET_EXT_CPU_BF16_GEMM": "1", "DANET_EXT_CPU_BF16_SCORES": "1"},
+    "bfloat16-products-float32-scores": {"DANET_EXT_CPU_BF16_GEMM": "1", "DANET_EXT_CPU_BF16_SCORES": "0"},
+    "float32-products": {"DANET_EXT_CPU_BF16_GEMM": "0"},
+}
+
+
+def set_cpu_bf16_path(monkeypatch, path):
+    if "avx512bf16" in path and not danet_ext.hardware.has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    for name, value in CPU_BF16_PATHS[path].items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.mark.parametrize("path", CPU_BF16_PATHS)
 @pytest.mark.parametrize("B,Cq,C,HW,scale", [(2, 8, 64, (17, 23), 0.5), (1, 64, 512, (32, 32), 0.5),
                                              (1, 1, 5, (7, 9), 0.5), (1, 16, 24, (65, 65), 0.5),
-                                             (2, 16, 32, (9, 13), 3.0)])
+                                             (2, 16, 32, (9, 13), 3.0), (3, 17, 20, (11, 7), 1.0)])
 def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, Cq, C, HW, scale):
-    # (65, 65): 4225 keys, more than one key tile of the bfloat16 path; scale 3: logits near 100
-    monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", CPU_BF16_PATHS[path])
+    # (65, 65): 4225 keys, more than one key tile of the bfloat16 path; scale 3: logits near 100;
+    # Cq = 17 and 1: an odd last pair in the packed scores; N = 77, 117: partial key panels
+    set_cpu_bf16_path(monkeypatch, path)
     inputs = make_inputs(B, Cq, C, *HW, "cpu", torch.bfloat16, scale=scale)
     grad_out = torch.randn(B, C, *HW).bfloat16()
     truth, truth_grads = grads_of(reference.position_attention, [t.double() for t in inputs], grad_out.double())
@@ -355,6 +369,24 @@ def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, Cq,
         assert_within_twice_pytorch(g, rg, tg)
     _, stats = op.position_attention_forward(*inputs)
     assert_stats_of_scores(stats, *inputs[:2], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+
+
+@pytest.mark.skipif(not danet_ext.hardware.has_avx512_bf16(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("Cq,HW", [(64, (32, 32)), (7, (5, 13)), (1, (1, 1)), (33, (9, 9))])
+def test_cpu_avx512bf16_scores_are_float32_sums_of_exact_products(monkeypatch, Cq, HW):
+    """The score kernel's row maxima equal those of the float32 product of Q and K up to
+    float32 summation order: bfloat16 x bfloat16 products are exact in float32."""
+    monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", "1")
+    q, k, v = make_inputs(2, Cq, 16, *HW, "cpu", torch.bfloat16, scale=1.0)
+    scores = torch.einsum("bci,bcj->bij", q.double().flatten(2), k.double().flatten(2))
+    magnitude = torch.einsum("bci,bcj->bij", q.double().abs().flatten(2), k.double().abs().flatten(2))
+    found = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DANET_EXT_CPU_BF16_SCORES", flag)
+        found[flag] = op.position_attention_forward(q, k, v)[1][:, 0]
+    for m in found.values():  # float32 sums of Cq exact products
+        torch.testing.assert_close(m.double(), scores.amax(-1), rtol=0, atol=Cq * 1.2e-7 * magnitude.max().item())
+    assert "AVX512-BF16" in danet_ext.build_info()["cpu_bfloat16"]["position_attention scores"]
 
 
 # float16 on the CPU: products in float16 where the CPU has AVX512-FP16 or AMX-FP16,
@@ -396,7 +428,7 @@ def test_cpu_float16_switch_changes_the_path(monkeypatch):
 def test_cpu_bfloat16_switch_changes_the_path(monkeypatch):
     inputs = make_inputs(1, 8, 64, 16, 16, "cpu", torch.bfloat16)
     outs = []
-    for flag in CPU_BF16_PATHS.values():
+    for flag in ("1", "0"):
         monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", flag)
         outs.append(op.position_attention_forward(*inputs)[0])
     # the two paths round differently (P to bfloat16 before the product, or not)

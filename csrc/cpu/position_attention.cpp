@@ -13,6 +13,7 @@
 // recomputation run in it (reduced_precision_gemm.h).
 #include <algorithm>
 #include <map>
+#include <type_traits>
 #include <mutex>
 #include <vector>
 
@@ -22,8 +23,9 @@
 
 #include "../attention_math.h"
 #include "../checks.h"
-#include "reduced_precision_gemm.h"
+#include "bf16_scores.h"
 #include "blas.h"
+#include "reduced_precision_gemm.h"
 #include "row_ops.h"
 
 namespace danet {
@@ -55,6 +57,57 @@ int64_t balanced_block(int64_t n, int64_t batches, int64_t widest, int64_t narro
     block /= 2;
   }
   return block;
+}
+
+// Where the 16-bit kernels' float32 score tiles come from: bfloat16 pairs packed
+// for the AVX512-BF16 kernel (bf16_scores.h), or float32 copies of Q and K
+// through the float32 GEMM. Either way the products are exact and the sums float32.
+struct ScoreSource {
+  const float* q = nullptr;  // float32 copies, B x Cq x N
+  const float* k = nullptr;
+  const uint32_t* qp = nullptr;  // packed query pairs and key panels
+  const uint32_t* kp = nullptr;
+  int64_t Cq = 0, N = 0;
+
+  // S (bq x bk, row stride lds) = Q[:, i0:i0+bq]^T K[:, j0:j0+bk] of image b
+  void tile(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* s, int64_t lds) const {
+    if (qp != nullptr) {
+      const int64_t P = score_pairs(Cq);
+      bf16_score_tile(qp + b * N * P, kp + b * score_panels(N) * P * kScorePanel, P, i0, bq, j0, bk, s, lds);
+    } else {
+      gemm<float>(true, false, bq, bk, Cq, 1, q + b * Cq * N + i0, N, k + b * Cq * N + j0, N, 0, s, lds);
+    }
+  }
+};
+
+// The buffers behind a ScoreSource for float16/bfloat16 query and key.
+struct ScoreOperands {
+  at::Tensor q, k;
+  ScoreSource source;
+};
+
+ScoreOperands score_operands(const at::Tensor& query, const at::Tensor& key) {
+  ScoreOperands ops;
+  const int64_t B = query.size(0), Cq = query.size(1), N = query.size(2) * query.size(3);
+  ops.source.Cq = Cq;
+  ops.source.N = N;
+  if (query.scalar_type() == at::kBFloat16 && use_bf16_scores()) {
+    const int64_t P = score_pairs(Cq);
+    const at::Tensor q = query.contiguous(), k = key.contiguous();
+    const auto opts = query.options().dtype(at::kInt);
+    ops.q = at::empty({B, N, P}, opts);
+    ops.k = at::empty({B, score_panels(N), P, kScorePanel}, opts);
+    pack_query_pairs(q.data_ptr<at::BFloat16>(), B, Cq, N, reinterpret_cast<uint32_t*>(ops.q.data_ptr<int32_t>()));
+    pack_key_panels(k.data_ptr<at::BFloat16>(), B, Cq, N, reinterpret_cast<uint32_t*>(ops.k.data_ptr<int32_t>()));
+    ops.source.qp = reinterpret_cast<const uint32_t*>(ops.q.data_ptr<int32_t>());
+    ops.source.kp = reinterpret_cast<const uint32_t*>(ops.k.data_ptr<int32_t>());
+  } else {
+    ops.q = query.to(at::kFloat).contiguous();
+    ops.k = key.to(at::kFloat).contiguous();
+    ops.source.q = ops.q.data_ptr<float>();
+    ops.source.k = ops.k.data_ptr<float>();
+  }
+  return ops;
 }
 
 // One query row's step of the online softmax over a tile of its scores: the
@@ -126,8 +179,8 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
 }
 
 // bfloat16 / float16 (T16) on CPUs with hardware for it (reduced_precision_gemm.h):
-// O = V P^T, nine tenths of the work at C = 8 Cq, is a T16 product; S = Q^T K is computed
-// in float32 from the (exact) float32 values of Q and K, because rounding the
+// O = V P^T, nine tenths of the work at C = 8 Cq, is a T16 product; S = Q^T K is kept
+// in float32 (ScoreSource: exact products, float32 sums), because rounding the
 // scores to bfloat16, as the reference does, costs ~0.1 to 0.3 of absolute
 // error in its output at logits of a few tens. The online softmax runs in
 // float32, P is rounded to T16 for the product (as the reference rounds
@@ -136,8 +189,8 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
 constexpr int64_t kBf16BlockK = 4096;
 
 template <typename T16>
-void forward_kernel_16(const float* q, const float* k, const T16* v, T16* out, float* stats, int64_t B,
-                       int64_t Cq, int64_t C, int64_t N) {
+void forward_kernel_16(const ScoreSource& scores_of, const T16* v, T16* out, float* stats, int64_t B,
+                       int64_t C, int64_t N) {
   const int64_t block_q = balanced_block(N, B, kBlockQ, 32, at::get_num_threads());
   const int64_t q_blocks = (N + block_q - 1) / block_q;
   const int64_t block_k = std::min(N, kBf16BlockK);
@@ -151,15 +204,13 @@ void forward_kernel_16(const float* q, const float* k, const T16* v, T16* out, f
       const int64_t b = task / q_blocks;
       const int64_t i0 = (task % q_blocks) * block_q;
       const int64_t bq = std::min(block_q, N - i0);
-      const float* qb = q + b * Cq * N;
-      const float* kb = k + b * Cq * N;
       const T16* vb = v + b * C * N;
       T16* ob = out + b * C * N + i0;
       std::fill(row_m.begin(), row_m.end(), neg_infinity<float>());
       std::fill(row_l.begin(), row_l.end(), 0.f);
       for (int64_t j0 = 0; j0 < N; j0 += block_k) {
         const int64_t bk = std::min(block_k, N - j0);
-        gemm<float>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0, scores.data(), block_k);
+        scores_of.tile(b, i0, bq, j0, bk, scores.data(), block_k);
         for (int64_t i = 0; i < bq; ++i) {
           float* row = scores.data() + i * block_k;
           rescale[i] = softmax_tile_row(row, bk, row_m[i], row_l[i]);
@@ -206,12 +257,12 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* out, const scalar_t* stats,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
                      int64_t Cq, int64_t C, int64_t N,
-                     const T16* const* inputs16 = nullptr) {
+                     const T16* const* inputs16 = nullptr, const ScoreSource* scores16 = nullptr) {
   // With inputs16 = {dO, Q, K, V} in T16 (bfloat16 / float16 inputs on hardware
   // for it): the products dV += dO P, dP = dO^T V, dK += Q dS and dQ += K dS^T
   // run in T16 (reduced_precision_gemm.h), P and dS rounded to T16 as the
-  // reference rounds its softmax and its gradient; the recomputed scores, the
-  // softmax and every sum across tiles stay float32.
+  // reference rounds its softmax and its gradient; the recomputed scores (from
+  // scores16 where given), the softmax and every sum across tiles stay float32.
   const bool lowp = inputs16 != nullptr;
   const int64_t num_threads = at::get_num_threads();
   const int64_t block_k = balanced_block(N, B, kBwdBlockK, 64, num_threads);
@@ -267,8 +318,11 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
       for (int64_t i0 = 0; i0 < N; i0 += kBwdBlockQ) {
         const int64_t bq = std::min(kBwdBlockQ, N - i0);
         const scalar_t beta = i0 > 0 ? 1 : 0;  // first query block initialises dK_j, dV_j
-        gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0,
-                       probs.data(), block_k);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (scores16 != nullptr) scores16->tile(b, i0, bq, j0, bk, probs.data(), block_k);
+        }
+        if (scores16 == nullptr)
+          gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0, probs.data(), block_k);
         for (int64_t i = 0; i < bq; ++i) {
           scalar_t* row = probs.data() + i * block_k;
           exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
@@ -355,13 +409,14 @@ std::tuple<at::Tensor, at::Tensor> position_attention_forward_cpu(
   const int64_t B = value.size(0), C = value.size(1), H = value.size(2),
                 W = value.size(3), Cq = query.size(1), N = H * W;
   if (use_reduced_precision_gemm(value.scalar_type())) {  // bfloat16 / float16 products
-    at::Tensor q = as_compute(query, at::kFloat), k = as_compute(key, at::kFloat), v = value.contiguous();
+    const ScoreOperands qk = score_operands(query, key);
+    at::Tensor v = value.contiguous();
     at::Tensor out = at::empty({B, C, H, W}, v.options());
     at::Tensor stats = at::empty({B, 2, N}, v.options().dtype(at::kFloat));
     if (B * N > 0) {
       AT_DISPATCH_REDUCED_FLOATING_TYPES(v.scalar_type(), "position_attention_forward_cpu_16", [&] {
-        forward_kernel_16<scalar_t>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<scalar_t>(),
-                                    out.data_ptr<scalar_t>(), stats.data_ptr<float>(), B, Cq, C, N);
+        forward_kernel_16<scalar_t>(qk.source, v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                    stats.data_ptr<float>(), B, C, N);
       });
     }
     return {out, stats};
@@ -395,8 +450,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   // bfloat16 / float16 products: dO, Q, K, V in that dtype, contiguous, as well
   std::vector<at::Tensor> keep16;
+  ScoreOperands qk16;
+  const bool packed_scores = use_reduced_precision_gemm(value.scalar_type()) &&
+                             value.scalar_type() == at::kBFloat16 && use_bf16_scores();
   if (use_reduced_precision_gemm(value.scalar_type())) {
     for (const at::Tensor* t : {&grad_out, &query, &key, &value}) keep16.push_back(t->contiguous());
+    if (packed_scores) qk16 = score_operands(query, key);
   }
   if (B * N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "position_attention_backward_cpu", [&] {
@@ -407,7 +466,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
         backward_kernel<scalar_t, T16>(go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                        v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
                                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                                       B, Cq, C, N, keep16.empty() ? nullptr : ptr16.data());
+                                       B, Cq, C, N, keep16.empty() ? nullptr : ptr16.data(),
+                                       packed_scores ? &qk16.source : nullptr);
       };
       if (value.scalar_type() == at::kHalf) run(at::Half{});
       else run(at::BFloat16{});
