@@ -42,6 +42,8 @@ constexpr int64_t kBlockK = 256;
 // faster than 128 x 256 at 64x64, C = 512).
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 512;
+// 16-bit backward: P and dS of this many query blocks are stacked for the dV and dK products.
+constexpr int64_t kStack = 4;
 
 // The widest block, halving from `widest` down to `narrowest`, whose tasks
 // (batches x blocks) split over the threads leave them at most ~10 % idle:
@@ -258,11 +260,15 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B,
                      int64_t Cq, int64_t C, int64_t N,
                      const T16* const* inputs16 = nullptr, const ScoreSource* scores16 = nullptr) {
-  // With inputs16 = {dO, Q, K, V} in T16 (bfloat16 / float16 inputs on hardware
+  // With inputs16 = {dO, Q, K, V, O} in T16 (bfloat16 / float16 inputs on hardware
   // for it): the products dV += dO P, dP = dO^T V, dK += Q dS and dQ += K dS^T
   // run in T16 (reduced_precision_gemm.h), P and dS rounded to T16 as the
   // reference rounds its softmax and its gradient; the recomputed scores (from
-  // scores16 where given), the softmax and every sum across tiles stay float32.
+  // scores16 where given, else from the float32 q and k), the softmax and every
+  // sum across tiles stay float32. dout, v and out are then not read (may be null).
+  // P and dS of kStack consecutive query blocks are stacked, so that dV and dK
+  // take one product of depth kStack * kBwdBlockQ: fewer float32 accumulations
+  // of their (C x bk) tiles, each rounded once from a deeper product.
   const bool lowp = inputs16 != nullptr;
   const int64_t num_threads = at::get_num_threads();
   const int64_t block_k = balanced_block(N, B, kBwdBlockK, 64, num_threads);
@@ -270,20 +276,24 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   // D_i = sum_c dO[c,i] O[c,i] is accumulated in double: dS = P (dP - D)
   // cancels, so D's rounding would otherwise dominate the error of dQ and dK.
   std::vector<double> row_dot(B * N);
-  at::parallel_for(0, B * N, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end;) {  // one image's run of positions at a time, rows read along N
-      const int64_t b = e / N, i_begin = e % N, i_end = std::min(N, i_begin + (end - e));
-      double* dot = row_dot.data() + b * N;
-      for (int64_t i = i_begin; i < i_end; ++i) dot[i] = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* dorow = dout + (b * C + c) * N;
-        const scalar_t* orow = out + (b * C + c) * N;
-        for (int64_t i = i_begin; i < i_end; ++i)
-          dot[i] += static_cast<double>(dorow[i]) * static_cast<double>(orow[i]);
+  auto sum_row_dots = [&](const auto* dO, const auto* O) {
+    at::parallel_for(0, B * N, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end;) {  // one image's run of positions at a time, rows read along N
+        const int64_t b = e / N, i_begin = e % N, i_end = std::min(N, i_begin + (end - e));
+        double* dot = row_dot.data() + b * N;
+        for (int64_t i = i_begin; i < i_end; ++i) dot[i] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const auto* dorow = dO + (b * C + c) * N;
+          const auto* orow = O + (b * C + c) * N;
+          for (int64_t i = i_begin; i < i_end; ++i)
+            dot[i] += static_cast<double>(dorow[i]) * static_cast<double>(orow[i]);
+        }
+        e += i_end - i_begin;
       }
-      e += i_end - i_begin;
-    }
-  });
+    });
+  };
+  if (lowp) sum_row_dots(inputs16[0], inputs16[4]);  // dO and O in T16: no float32 copies needed
+  else sum_row_dots(dout, out);
   // dQ partial sums: chunk start -> (first image, buffers of the images it touches)
   struct DqChunk {
     int64_t first_image;
@@ -293,16 +303,16 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   std::mutex dq_chunks_mutex;
   at::parallel_for(0, B * k_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
-    std::vector<T16> p16(lowp ? kBwdBlockQ * block_k : 0), ds16(lowp ? kBwdBlockQ * block_k : 0),
-        prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
+    std::vector<T16> p16(lowp ? kStack * kBwdBlockQ * block_k : 0), ds16(lowp ? kStack * kBwdBlockQ * block_k : 0),
+        dp16(lowp ? kBwdBlockQ * block_k : 0), prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
     const int64_t first_image = begin / k_blocks, images = (end - 1) / k_blocks - first_image + 1;
     std::vector<scalar_t> dq_sums(images * Cq * N, scalar_t(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / k_blocks, jb = task % k_blocks;
-      const scalar_t* dob = dout + b * C * N;
-      const scalar_t* qb = q + b * Cq * N;
-      const scalar_t* kb = k + b * Cq * N;
-      const scalar_t* vb = v + b * C * N;
+      const scalar_t* dob = dout != nullptr ? dout + b * C * N : nullptr;
+      const scalar_t* qb = q != nullptr ? q + b * Cq * N : nullptr;
+      const scalar_t* kb = k != nullptr ? k + b * Cq * N : nullptr;
+      const scalar_t* vb = v != nullptr ? v + b * C * N : nullptr;
       const scalar_t* row_max = stats + (b * 2 + 0) * N;
       const scalar_t* inv_row_sum = stats + (b * 2 + 1) * N;
       const double* dot_b = row_dot.data() + b * N;
@@ -335,16 +345,24 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
               dst[r * ld + c] = (keep ? dst[r * ld + c] : scalar_t(0)) +
                                 static_cast<scalar_t>(prod16[r * cols + c]);
         };
+        // the stacked query blocks i_stack .. i0 + bq (P and dS rows from row 0 of p16/ds16)
+        const int64_t slot = (i0 / kBwdBlockQ) % kStack;
+        const int64_t i_stack = i0 - slot * kBwdBlockQ;
+        const bool flush = slot == kStack - 1 || i0 + bq == N;
         if (lowp) {
+          T16* p16_rows = p16.data() + slot * kBwdBlockQ * block_k;
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              p16[i * block_k + j] = static_cast<T16>(probs[i * block_k + j]);
-          mm16<T16>(false, false, C, bk, bq, do16 + i0, N, p16.data(), block_k, prod16.data(), bk);
-          add_product(dvb + j0, N, C, bk, i0 > 0);
-          mm16<T16>(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, ds16.data(), block_k);
+              p16_rows[i * block_k + j] = static_cast<T16>(probs[i * block_k + j]);
+          if (flush) {  // dV_j (+)= dO[:, i_stack:i0+bq] P_stacked
+            mm16<T16>(false, false, C, bk, i0 + bq - i_stack, do16 + i_stack, N, p16.data(), block_k,
+                      prod16.data(), bk);
+            add_product(dvb + j0, N, C, bk, i_stack > 0);
+          }
+          mm16<T16>(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, dp16.data(), block_k);
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              dscores[i * block_k + j] = static_cast<scalar_t>(ds16[i * block_k + j]);
+              dscores[i * block_k + j] = static_cast<scalar_t>(dp16[i * block_k + j]);
         } else {
           gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
                          block_k, beta, dvb + j0, N);
@@ -358,12 +376,16 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           for (int64_t j = 0; j < bk; ++j) ds[j] = softmax_grad(p[j], ds[j], d);
         }
         if (lowp) {
+          T16* ds16_rows = ds16.data() + slot * kBwdBlockQ * block_k;
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              ds16[i * block_k + j] = static_cast<T16>(dscores[i * block_k + j]);
-          mm16<T16>(false, false, Cq, bk, bq, q16 + i0, N, ds16.data(), block_k, prod16.data(), bk);
-          add_product(dkb + j0, N, Cq, bk, i0 > 0);
-          mm16<T16>(false, true, Cq, bq, bk, k16 + j0, N, ds16.data(), block_k, prod16.data(), bq);
+              ds16_rows[i * block_k + j] = static_cast<T16>(dscores[i * block_k + j]);
+          if (flush) {  // dK_j (+)= Q[:, i_stack:i0+bq] dS_stacked
+            mm16<T16>(false, false, Cq, bk, i0 + bq - i_stack, q16 + i_stack, N, ds16.data(), block_k,
+                      prod16.data(), bk);
+            add_product(dkb + j0, N, Cq, bk, i_stack > 0);
+          }
+          mm16<T16>(false, true, Cq, bq, bk, k16 + j0, N, ds16_rows, block_k, prod16.data(), bq);
           add_product(dq_mine + i0, N, Cq, bq, true);
         } else {
           gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
@@ -441,30 +463,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
   const auto ct = compute_type(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1),
                 N = value.size(2) * value.size(3);
-  at::Tensor q = as_compute(query, ct), k = as_compute(key, ct), v = as_compute(value, ct);
-  at::Tensor go = as_compute(grad_out, ct), o = as_compute(out, ct), st = as_compute(stats, ct);
-  // Every element is written by the kernel (the first query block of each key
-  // block stores with beta = 0) except when N == 0, where there is nothing.
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  // bfloat16 / float16 products: dO, Q, K, V in that dtype, contiguous, as well
+  // bfloat16 / float16 products: dO, Q, K, V, O in that dtype, contiguous; float32
+  // copies only of what the float32 arithmetic reads (Q and K for the scores,
+  // unless the AVX512-BF16 kernel computes them from the packed pairs)
+  const bool lowp = use_reduced_precision_gemm(value.scalar_type());
+  const bool packed_scores = lowp && value.scalar_type() == at::kBFloat16 && use_bf16_scores();
   std::vector<at::Tensor> keep16;
   ScoreOperands qk16;
-  const bool packed_scores = use_reduced_precision_gemm(value.scalar_type()) &&
-                             value.scalar_type() == at::kBFloat16 && use_bf16_scores();
-  if (use_reduced_precision_gemm(value.scalar_type())) {
-    for (const at::Tensor* t : {&grad_out, &query, &key, &value}) keep16.push_back(t->contiguous());
+  if (lowp) {
+    for (const at::Tensor* t : {&grad_out, &query, &key, &value, &out}) keep16.push_back(t->contiguous());
     if (packed_scores) qk16 = score_operands(query, key);
   }
+  const at::Tensor none;
+  at::Tensor q = packed_scores ? none : as_compute(query, ct), k = packed_scores ? none : as_compute(key, ct);
+  at::Tensor v = lowp ? none : as_compute(value, ct), go = lowp ? none : as_compute(grad_out, ct);
+  at::Tensor o = lowp ? none : as_compute(out, ct), st = as_compute(stats, ct);
+  // Every element is written by the kernel (the first query block of each key
+  // block stores with beta = 0) except when N == 0, where there is nothing.
+  const auto opts = value.options().dtype(ct);
+  at::Tensor dq = at::empty(query.sizes(), opts);
+  at::Tensor dk = at::empty(key.sizes(), opts);
+  at::Tensor dv = at::empty(value.sizes(), opts);
   if (B * N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "position_attention_backward_cpu", [&] {
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
       auto run = [&](auto tag) {
         using T16 = decltype(tag);
         std::vector<const T16*> ptr16;
         for (const at::Tensor& t : keep16) ptr16.push_back(t.data_ptr<T16>());
-        backward_kernel<scalar_t, T16>(go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                       v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
+        backward_kernel<scalar_t, T16>(ptr(go), ptr(q), ptr(k), ptr(v), ptr(o), st.data_ptr<scalar_t>(),
                                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
                                        B, Cq, C, N, keep16.empty() ? nullptr : ptr16.data(),
                                        packed_scores ? &qk16.source : nullptr);
