@@ -249,6 +249,22 @@ def test_peak_memory_sees_a_known_allocation():
     assert n <= peak < 2 * n
 
 
+def test_timings_after_a_memory_measurement_reuse_heap_pages():
+    """peak_memory mmaps every block of 64 KiB and more while it measures; afterwards the
+    allocator must be back at a steady state, or every later timed call would page-fault
+    its buffers afresh (time no user's process spends)."""
+    import resource
+    if not bm.cpu_peak_tracking_available():
+        pytest.skip("no /proc/self/clear_refs")
+    bm.peak_memory(lambda: torch.ones(2**20), "cpu")
+    torch.empty(2**20).fill_(1)  # one allocation to settle the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.empty(2**20).fill_(1)  # 4 MiB: 1024 pages, each faulted again if it were mmapped
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2000, f"{faults} page faults for 20 reused 4 MiB buffers"
+
+
 @pytest.mark.skipif(not danet_ext.HAVE_EXTENSION, reason="extension not built")
 def test_benchmark_outputs(tmp_path):
     results = bm.bench_position_attention([(8, 8)], Cq=4, C=8, repeats=1)

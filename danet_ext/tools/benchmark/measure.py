@@ -32,7 +32,10 @@ def time_call(fn: Callable[[], object], device: str, repeats: int = 3, warmup: i
     return statistics.median(times)
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# glibc's own ceiling for its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+_STEADY_STATE_THRESHOLD = 32 << 20
 
 
 def _read_status_kib(field_name: str) -> Optional[int]:
@@ -53,18 +56,36 @@ def cpu_peak_tracking_available() -> bool:
 _libc = None
 
 
-def _release_freed_memory() -> None:
-    # Blocks of 64 KiB and more are mmapped and returned to the system on free,
-    # and what earlier frees left in the heap is trimmed, so that a call's new
-    # allocations show up in the resident set instead of reusing resident pages.
+def _mallopt(param: int, value: int) -> None:
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL("libc.so.6")
-            _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
-        _libc.malloc_trim(0)
+        _libc.mallopt(param, value)
     except (OSError, AttributeError):
         pass
+
+
+def _release_freed_memory() -> None:
+    # Blocks of 64 KiB and more are mmapped and returned to the system on free,
+    # and what earlier frees left in the heap is trimmed, so that a call's new
+    # allocations show up in the resident set instead of reusing resident pages.
+    _mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:
+        pass
+
+
+def _restore_steady_state_allocator() -> None:
+    # Setting the mmap threshold switches off glibc's dynamic one, which in a
+    # long-running process climbs to the size of the blocks it sees freed (up to
+    # 32 MiB), so that repeated calls reuse heap pages. Left at 64 KiB, every
+    # later call would mmap, page-fault and unmap each buffer of 64 KiB or more:
+    # time no user's process spends, and more for code with many work buffers.
+    # Timings run at glibc's steady state instead.
+    _mallopt(_M_MMAP_THRESHOLD, _STEADY_STATE_THRESHOLD)
+    _mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_STATE_THRESHOLD)
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> Optional[float]:
@@ -85,7 +106,10 @@ def peak_memory(fn: Callable[[], object], device: str) -> Optional[float]:
     base = _read_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set to the current one
-    result = fn()
-    peak = _read_status_kib("VmHWM")
-    del result
+    try:
+        result = fn()
+        peak = _read_status_kib("VmHWM")
+        del result
+    finally:
+        _restore_steady_state_allocator()
     return float(max(0, peak - base) * 1024)
