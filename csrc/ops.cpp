@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "build_config.h"
+#include "cpu/bf16_scores.h"
 
 namespace danet {
 
@@ -21,7 +22,8 @@ std::string build_info() {
   info += "\"cuda_arch_list\": \"" DANET_EXT_CUDA_ARCH_LIST "\", ";
   info += "\"torch_version\": \"" DANET_EXT_TORCH_VERSION "\", ";
   info += "\"cuda_version\": \"" DANET_EXT_CUDA_VERSION "\", ";
-  info += "\"version\": \"" DANET_EXT_VERSION "\"";
+  info += "\"version\": \"" DANET_EXT_VERSION "\", ";
+  info += std::string("\"cpu_bf16_score_kernel\": ") + (cpu::bf16_score_kernel_built() ? "true" : "false");
   info += "}";
   return info;
 }

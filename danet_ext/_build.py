@@ -7,6 +7,7 @@ torch version, importing fails with a message that says how to rebuild.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import Optional
 
@@ -88,7 +89,7 @@ def build_info() -> dict:
         "products": "bfloat16 (oneDNN)" if fast_bf16 else "float32",
         # csrc/cpu/bf16_scores.h; DANET_EXT_CPU_BF16_SCORES=0 forces the float32 GEMM
         "position_attention scores": ("float32 sums of exact bfloat16 products (AVX512-BF16)"
-                                      if hardware.has_avx512_bf16() else "float32 GEMM"),
+                                      if _bf16_score_kernel_runs() else "float32 GEMM"),
         "auto_takes_reference_for": (["channel_attention",
                                       f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
                                      if fast_bf16 else []),
@@ -96,6 +97,16 @@ def build_info() -> dict:
     if "cuda" in info["backends"]:
         info["cuda_paths"] = CUDA_PATHS
     return info
+
+
+def _bf16_score_kernel_runs() -> bool:
+    """Whether bfloat16 position attention takes its scores from the AVX512-BF16 kernel
+    (csrc/cpu/bf16_scores.h): built into this binary, the CPU has the instructions, and
+    DANET_EXT_CPU_BF16_SCORES does not switch it off. Read per call, as the kernels do."""
+    from . import hardware
+
+    return (bool(_COMPILED_INFO.get("cpu_bf16_score_kernel")) and hardware.has_avx512_bf16()
+            and os.environ.get("DANET_EXT_CPU_BF16_SCORES") != "0")
 
 
 # Which CUDA kernels run what (csrc/cuda; README, "How it works").

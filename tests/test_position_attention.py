@@ -371,22 +371,31 @@ def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, Cq,
     assert_stats_of_scores(stats, *inputs[:2], max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
 
 
-@pytest.mark.skipif(not danet_ext.hardware.has_avx512_bf16(), reason="this CPU has no AVX512-BF16")
-@pytest.mark.parametrize("Cq,HW", [(64, (32, 32)), (7, (5, 13)), (1, (1, 1)), (33, (9, 9))])
+@pytest.mark.skipif(not danet_ext.hardware.has_avx512_bf16() or
+                    not danet_ext.build_info().get("cpu_bf16_score_kernel"),
+                    reason="this CPU or build has no AVX512-BF16 score kernel")
+@pytest.mark.parametrize("Cq,HW", [(64, (32, 32)), (7, (5, 13)), (1, (1, 1)), (33, (9, 9)), (16, (65, 65))])
 def test_cpu_avx512bf16_scores_are_float32_sums_of_exact_products(monkeypatch, Cq, HW):
-    """The score kernel's row maxima equal those of the float32 product of Q and K up to
-    float32 summation order: bfloat16 x bfloat16 products are exact in float32."""
+    """The score kernel's statistics equal those of the exact scores up to float32 summation
+    error (bfloat16 x bfloat16 products are exact in float32), as the float32 GEMM's do; the
+    switch really changes the path. (65, 65): a second key tile (offset 4096)."""
     monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", "1")
     q, k, v = make_inputs(2, Cq, 16, *HW, "cpu", torch.bfloat16, scale=1.0)
     scores = torch.einsum("bci,bcj->bij", q.double().flatten(2), k.double().flatten(2))
     magnitude = torch.einsum("bci,bcj->bij", q.double().abs().flatten(2), k.double().abs().flatten(2))
-    found = {}
+    found, kinds = {}, {}
     for flag in ("1", "0"):
         monkeypatch.setenv("DANET_EXT_CPU_BF16_SCORES", flag)
-        found[flag] = op.position_attention_forward(q, k, v)[1][:, 0]
-    for m in found.values():  # float32 sums of Cq exact products
-        torch.testing.assert_close(m.double(), scores.amax(-1), rtol=0, atol=Cq * 1.2e-7 * magnitude.max().item())
-    assert "AVX512-BF16" in danet_ext.build_info()["cpu_bfloat16"]["position_attention scores"]
+        found[flag] = op.position_attention_forward(q, k, v)[1]
+        kinds[flag] = danet_ext.build_info()["cpu_bfloat16"]["position_attention scores"]
+    # per row: float32 sums of Cq exact products
+    tol = Cq * 1.2e-7 * magnitude.amax(-1)
+    for stats in found.values():
+        assert ((stats[:, 0].double() - scores.amax(-1)).abs() <= tol).all()
+        assert_stats_of_scores(stats, q, k, max_tol=(1e-5, 1e-4), inv_sum_tol=(1e-4, 1e-6))
+    assert "AVX512-BF16" in kinds["1"] and kinds["0"] == "float32 GEMM"
+    if Cq == 64:  # 2048 sums of 64 products: the two summation orders differ somewhere
+        assert not torch.equal(found["1"], found["0"])
 
 
 # float16 on the CPU: products in float16 where the CPU has AVX512-FP16 or AMX-FP16,

@@ -8,7 +8,9 @@
 // vdpbf16ps gives the same numbers at twice the width: it multiplies pairs of
 // bfloat16 exactly (8-bit significands, 16-bit products) and adds both products
 // to a float32 accumulator, so S differs from the float32 GEMM only in the
-// order of the float32 additions.
+// order of the float32 additions. (It also treats subnormal inputs as zero and
+// flushes subnormal results, whatever MXCSR says: terms below 1e-38, far under
+// a float32 score's rounding at any magnitude that matters to the softmax.)
 //
 // Layouts (built once per call, Cq padded to an even P = ceil(Cq / 2) pairs):
 //   query pairs  qp[i * P + p]              = Q[2p][i] | Q[2p+1][i] << 16     (N x P)
@@ -31,7 +33,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#if defined(__GNUC__) && defined(__x86_64__)
+// The AVX512-BF16 intrinsics and __builtin_cpu_supports("avx512bf16") need GCC 10
+// or Clang 11; older compilers build the extension without this kernel.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 11) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
 #include <immintrin.h>
 #define DANET_BF16_SCORES_X86 1
 #define DANET_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bf16")))
@@ -41,6 +46,15 @@ namespace danet {
 namespace cpu {
 
 constexpr int64_t kScorePanel = 16;  // keys per packed panel (one zmm of float32)
+
+// Whether this build contains the kernel (x86-64, a recent enough compiler).
+constexpr bool bf16_score_kernel_built() {
+#ifdef DANET_BF16_SCORES_X86
+  return true;
+#else
+  return false;
+#endif
+}
 
 inline bool cpu_has_avx512_bf16() {
 #ifdef DANET_BF16_SCORES_X86

@@ -42,7 +42,8 @@ constexpr int64_t kBlockK = 256;
 // faster than 128 x 256 at 64x64, C = 512).
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 512;
-// 16-bit backward: P and dS of this many query blocks are stacked for the dV and dK products.
+// 16-bit backward: P and dS of this many query blocks are stacked for the dV and dK products
+// (two 16-bit buffers of kStack * kBwdBlockQ x kBwdBlockK, 1 MiB per thread together).
 constexpr int64_t kStack = 4;
 
 // The widest block, halving from `widest` down to `narrowest`, whose tasks
@@ -270,6 +271,8 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   // take one product of depth kStack * kBwdBlockQ: fewer float32 accumulations
   // of their (C x bk) tiles, each rounded once from a deeper product.
   const bool lowp = inputs16 != nullptr;
+  TORCH_CHECK(scores16 == nullptr || (std::is_same_v<scalar_t, float>),
+              "position_attention_backward: packed scores need float32 arithmetic");
   const int64_t num_threads = at::get_num_threads();
   const int64_t block_k = balanced_block(N, B, kBwdBlockK, 64, num_threads);
   const int64_t k_blocks = (N + block_k - 1) / block_k;
@@ -328,11 +331,11 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
       for (int64_t i0 = 0; i0 < N; i0 += kBwdBlockQ) {
         const int64_t bq = std::min(kBwdBlockQ, N - i0);
         const scalar_t beta = i0 > 0 ? 1 : 0;  // first query block initialises dK_j, dV_j
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (scores16 != nullptr) scores16->tile(b, i0, bq, j0, bk, probs.data(), block_k);
-        }
-        if (scores16 == nullptr)
+        if (scores16 != nullptr) {
+          if constexpr (std::is_same_v<scalar_t, float>) scores16->tile(b, i0, bq, j0, bk, probs.data(), block_k);
+        } else {
           gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0, probs.data(), block_k);
+        }
         for (int64_t i = 0; i < bq; ++i) {
           scalar_t* row = probs.data() + i * block_k;
           exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
@@ -479,7 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
   at::Tensor v = lowp ? none : as_compute(value, ct), go = lowp ? none : as_compute(grad_out, ct);
   at::Tensor o = lowp ? none : as_compute(out, ct), st = as_compute(stats, ct);
   // Every element is written by the kernel (the first query block of each key
-  // block stores with beta = 0) except when N == 0, where there is nothing.
+  // block stores with beta = 0, or the first stacked product without adding)
+  // except when N == 0, where there is nothing.
   const auto opts = value.options().dtype(ct);
   at::Tensor dq = at::empty(query.sizes(), opts);
   at::Tensor dk = at::empty(key.sizes(), opts);
