@@ -180,6 +180,12 @@ def main(argv=None):
         return
     from danet_ext import hardware
 
+    # --out names the JSON file; a folder gets inference_cpu.json inside it. Checked before the
+    # runs (which take many minutes), so that a bad path cannot lose them at the end.
+    if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):
+        args.out = os.path.join(args.out, "inference_cpu.json")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    open(args.out, "a").close()
     machine = dict(hardware.describe_cpu(), torch=torch.__version__)
     print("machine:", json.dumps(machine), flush=True)
     rows = []
@@ -219,7 +225,6 @@ def main(argv=None):
                 row = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "results": rows}, f, indent=1)
     print("wrote", args.out)
