@@ -265,14 +265,14 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   // for it): the products dV += dO P, dP = dO^T V, dK += Q dS and dQ += K dS^T
   // run in T16 (reduced_precision_gemm.h), P and dS rounded to T16 as the
   // reference rounds its softmax and its gradient; the recomputed scores (from
-  // scores16 where given, else from the float32 q and k), the softmax and every
-  // sum across tiles stay float32. dout, v and out are then not read (may be null).
+  // scores16, which the 16-bit path always gives), the softmax and every sum
+  // across tiles stay float32. dout, q, k, v and out are then not read (may be null).
   // P and dS of kStack consecutive query blocks are stacked, so that dV and dK
   // take one product of depth kStack * kBwdBlockQ: fewer float32 accumulations
   // of their (C x bk) tiles, each rounded once from a deeper product.
   const bool lowp = inputs16 != nullptr;
-  TORCH_CHECK(scores16 == nullptr || (std::is_same_v<scalar_t, float>),
-              "position_attention_backward: packed scores need float32 arithmetic");
+  TORCH_CHECK(lowp == (scores16 != nullptr) && (scores16 == nullptr || (std::is_same_v<scalar_t, float>)),
+              "position_attention_backward: the 16-bit path takes its scores from a ScoreSource, in float32");
   const int64_t num_threads = at::get_num_threads();
   const int64_t block_k = balanced_block(N, B, kBwdBlockK, 64, num_threads);
   const int64_t k_blocks = (N + block_k - 1) / block_k;
@@ -466,19 +466,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
   const auto ct = compute_type(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1),
                 N = value.size(2) * value.size(3);
-  // bfloat16 / float16 products: dO, Q, K, V, O in that dtype, contiguous; float32
-  // copies only of what the float32 arithmetic reads (Q and K for the scores,
-  // unless the AVX512-BF16 kernel computes them from the packed pairs)
+  // bfloat16 / float16 products: dO, Q, K, V, O in that dtype, contiguous, and the
+  // scores from score_operands (packed pairs for the AVX512-BF16 kernel, or float32
+  // copies of Q and K), as in the forward; no other float32 copies
   const bool lowp = use_reduced_precision_gemm(value.scalar_type());
-  const bool packed_scores = lowp && value.scalar_type() == at::kBFloat16 && use_bf16_scores();
   std::vector<at::Tensor> keep16;
   ScoreOperands qk16;
   if (lowp) {
     for (const at::Tensor* t : {&grad_out, &query, &key, &value, &out}) keep16.push_back(t->contiguous());
-    if (packed_scores) qk16 = score_operands(query, key);
+    qk16 = score_operands(query, key);
   }
   const at::Tensor none;
-  at::Tensor q = packed_scores ? none : as_compute(query, ct), k = packed_scores ? none : as_compute(key, ct);
+  at::Tensor q = lowp ? none : as_compute(query, ct), k = lowp ? none : as_compute(key, ct);
   at::Tensor v = lowp ? none : as_compute(value, ct), go = lowp ? none : as_compute(grad_out, ct);
   at::Tensor o = lowp ? none : as_compute(out, ct), st = as_compute(stats, ct);
   // Every element is written by the kernel (the first query block of each key
@@ -497,8 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> position_attention_backward_cpu(
         for (const at::Tensor& t : keep16) ptr16.push_back(t.data_ptr<T16>());
         backward_kernel<scalar_t, T16>(ptr(go), ptr(q), ptr(k), ptr(v), ptr(o), st.data_ptr<scalar_t>(),
                                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                                       B, Cq, C, N, keep16.empty() ? nullptr : ptr16.data(),
-                                       packed_scores ? &qk16.source : nullptr);
+                                       B, Cq, C, N, lowp ? ptr16.data() : nullptr, lowp ? &qk16.source : nullptr);
       };
       if (value.scalar_type() == at::kHalf) run(at::Half{});
       else run(at::BFloat16{});
