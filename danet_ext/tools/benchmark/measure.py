@@ -36,6 +36,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # glibc's own ceiling for its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 _STEADY_STATE_THRESHOLD = 32 << 20
+_MEASURING_MMAP_THRESHOLD = 64 << 10
+_MEASURING_TRIM_THRESHOLD = 128 << 10  # glibc's default (DEFAULT_TRIM_THRESHOLD)
 
 
 def _read_status_kib(field_name: str) -> Optional[int]:
@@ -70,7 +72,9 @@ def _release_freed_memory() -> None:
     # Blocks of 64 KiB and more are mmapped and returned to the system on free,
     # and what earlier frees left in the heap is trimmed, so that a call's new
     # allocations show up in the resident set instead of reusing resident pages.
-    _mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    # Both thresholds are set, since the steady state between measurements raises both.
+    _mallopt(_M_MMAP_THRESHOLD, _MEASURING_MMAP_THRESHOLD)
+    _mallopt(_M_TRIM_THRESHOLD, _MEASURING_TRIM_THRESHOLD)
     try:
         _libc.malloc_trim(0)
     except AttributeError:
