@@ -113,6 +113,12 @@ class DANetHead(nn.Module):
         sc_output = self.conv7(sc_conv)
         return self.conv8(sa_conv + sc_conv), sa_output, sc_output
 
+    def fused_output(self, x: Tensor) -> Tensor:
+        """The fused (sasc) logits alone, without the two auxiliary classifiers, which
+        only feed the training loss. (In training, forward keeps the official order of
+        the Dropout masks; this draws conv8's first.)"""
+        return self.conv8(self.conv51(self.sa(self.conv5a(x))) + self.conv52(self.sc(self.conv5c(x))))
+
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
     """Switch every attention module inside `module` to `backend`, including

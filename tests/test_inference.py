@@ -118,3 +118,79 @@ def test_compiled_path_matches_the_eager_one():
     assert compiled.compiled and not eager.compiled
     for e, c in zip(eager(x), compiled(x)):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_rule_splits_only_large_spatial_convolutions():
+    from danet_ext.inference import _split_chunks
+
+    conv5a = nn.Conv2d(2048, 512, 3, padding=1, bias=False)  # DANet's conv5a/conv5c: 18 MiB in bfloat16
+    assert _split_chunks(conv5a, 2) == 4 and _split_chunks(conv5a, 4) == 8
+    assert all(c * conv5a.weight.numel() // _split_chunks(conv5a, e) * e <= 8 * 2 ** 20
+               for c, e in ((1, 2), (1, 4)))
+    assert _split_chunks(nn.Conv2d(512, 512, 3), 2) == 1       # 4.5 MiB: whole
+    assert _split_chunks(nn.Conv2d(4096, 1024, 1), 4) == 1     # 1x1: measured no faster split
+    assert _split_chunks(nn.Conv2d(2048, 512, 3, groups=2), 4) == 1
+    assert _split_chunks(nn.Conv2d(4096, 64, 3), 4) == 1       # chunks of fewer than 64 channels: never
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_split_convolutions_compute_the_same_sums(monkeypatch, dtype):
+    from danet_ext import inference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(24, 256, 3, padding=2, dilation=2), nn.ReLU(),
+                          nn.Conv2d(256, 128, (3, 1), stride=2, bias=False), nn.Conv2d(128, 8, 1)).eval().to(dtype)
+    x = torch.randn(2, 24, 13, 9, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+    # each of the two 3x3 weights over the threshold, half of each under it
+    monkeypatch.setattr(inference, "SPLIT_CONV_WEIGHT_BYTES", 50_000 * x.element_size())
+    assert inference.split_large_convolutions(model) == 2
+    assert [len(m.convs) for m in model if isinstance(m, inference.SplitConv2d)] == [2, 2]
+    assert type(model[3]) is nn.Conv2d  # 1x1 stays whole
+    with torch.no_grad():
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    tol = 1e-12 if dtype == torch.float64 else 0.0
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol) if tol else \
+        torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.05)
+
+
+def test_inference_danet_splits_conv5_and_returns_contiguous_float32_logits(monkeypatch):
+    """The prepared DANet: conv5a/conv5c in chunks (at a lowered threshold, the small
+    model's), the fused output alone, upsampled from the logits in float32."""
+    from danet_ext import inference
+
+    torch.manual_seed(0)
+    model = randomize_batch_norms(danet_ext.DANet(3, backbone="resnet50", aux=False)).eval()
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        expected = model(x)
+        calls = []
+        model.head.conv6.register_forward_hook(lambda *a: calls.append("conv6"))
+        model(x)
+        assert calls == [], "eval without aux computed an auxiliary classifier"
+    monkeypatch.setattr(inference, "SPLIT_CONV_WEIGHT_BYTES", 2048 * 512 * 9 * 4 // 2)
+    fast = optimize_for_inference(model, precision="float32")
+    assert fast.split_convolutions == 2
+    assert isinstance(fast.model.head.conv5a[0], inference.SplitConv2d)
+    assert isinstance(fast.model.head.conv5c[0], inference.SplitConv2d)
+    got = fast(x)
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    # and in bfloat16: the logits are upsampled in float32
+    fast16 = optimize_for_inference(model, precision="bfloat16")
+    assert fast16.model.output_dtype == torch.float32
+    got16 = fast16(x)
+    assert got16.dtype == torch.float32 and got16.is_contiguous()
+    assert (got16.argmax(1) != expected.argmax(1)).double().mean() < 0.05
+
+
+def test_danet_fused_output_is_forwards_first_output():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(danet_ext.DANet(4, backbone="resnet50", aux=True)).eval()
+    x = torch.randn(1, 3, 33, 41)
+    with torch.no_grad():
+        full = model(x)
+        model.aux = False
+        alone = model(x)
+    torch.testing.assert_close(alone, full[0], rtol=0, atol=0)

@@ -43,12 +43,25 @@ class DANet(nn.Module):
         self.pretrained = dilated_resnet(backbone, output_stride=output_stride, multi_grid=multi_grid,
                                          deep_stem=deep_stem, norm_layer=norm_layer)
         self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, backend=backend)
+        # dtype the logits are upsampled and returned in (None: the model's own);
+        # optimize_for_inference sets float32 for a reduced-precision model.
+        self.output_dtype: Optional[torch.dtype] = None
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
         size = x.shape[2:]
         c4 = self.pretrained.forward_features(x)[3]
-        outputs = tuple(F.interpolate(o, size=size, **UP_KWARGS) for o in self.head(c4))
+        if self.aux or self.training:
+            outputs = self.head(c4)
+        else:  # the auxiliary outputs would be computed and upsampled only to be dropped
+            outputs = (self.head.fused_output(c4),)
+        outputs = tuple(self._upsample(o, size) for o in outputs)
         return outputs if self.aux else outputs[0]
+
+    def _upsample(self, logits: Tensor, size) -> Tensor:
+        # The logits have few channels: upsampling them in NCHW writes the large output
+        # contiguously (from channels_last logits, 4x faster at 512x1024 in a measurement).
+        logits = logits.to(dtype=self.output_dtype or logits.dtype, memory_format=torch.contiguous_format)
+        return F.interpolate(logits, size=size, **UP_KWARGS)
 
     def head_parameters(self):
         """Parameters the official recipe trains with 10x the learning rate."""
