@@ -173,6 +173,31 @@ def _upsample_in_float32(model: nn.Module) -> None:
             module.output_dtype = torch.float32
 
 
+# --------------------------------------------------------------------------- the CPU allocator
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
+    """Let glibc's malloc keep freed blocks of up to `max_block_bytes` for reuse (for the
+    whole process), instead of unmapping every block over 32 MiB (its largest dynamic mmap
+    threshold) on free and mapping it afresh on the next allocation. At 1024x2048 most of
+    DANet's activations are 32-64 MiB, so each forward page-faulted them all in again:
+    measured on a 2-core AMD EPYC, a fresh 64 MiB sum took 30 ms against 6.5 ms in place,
+    and DANet-101 in bfloat16 took 15.6 s a forward against 14.8 s with this set. Memory
+    freed stays with the process (its resident size stays at its peak). Returns False
+    where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(max_block_bytes)) == 1
+        return ok and libc.mallopt(_M_TRIM_THRESHOLD, int(2 * max_block_bytes)) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 # --------------------------------------------------------------------------- the prepared model
 
 class InferenceModel(nn.Module):
@@ -216,7 +241,7 @@ class InferenceModel(nn.Module):
 def optimize_for_inference(model: nn.Module, precision: str = "auto",
                            device: Optional[Union[str, torch.device]] = None,
                            fold_bn: bool = True, compile: bool = False,
-                           split_convs: bool = True) -> InferenceModel:
+                           split_convs: bool = True, keep_memory: bool = True) -> InferenceModel:
     """A copy of `model` prepared for fast inference (the original is left as it is).
 
     Args:
@@ -230,6 +255,9 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
         split_convs: on the CPU, compute convolutions with large weights (DANet's conv5a
             and conv5c) in chunks of output channels, which oneDNN runs faster
             (SPLIT_CONV_WEIGHT_BYTES says what was measured); the sums are the same.
+        keep_memory: on the CPU, call keep_freed_memory(): glibc then keeps freed
+            activations for the next forward instead of page-faulting them in afresh
+            (a process-wide setting; 5 % faster at 1024x2048, see its docstring).
         compile: run through torch.compile (inductor, freezing). It pays off for many
             images of one size: measured on a 2-core AMD EPYC (AVX512-BF16) on 2026-11-30,
             DANet-ResNet-101 in bfloat16 at 512x1024 took 3.14 s a forward instead of 3.46 s,
@@ -248,6 +276,8 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
     if not autocast:
         prepared = prepared.to(dtype)
     split = split_large_convolutions(prepared) if split_convs and device.type == "cpu" else 0
+    if keep_memory and device.type == "cpu":
+        keep_freed_memory()
     for p in prepared.parameters():
         p.requires_grad_(False)
     _upsample_in_float32(prepared)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
 from .models.resnet import DEPTHS
-from .nn import ChannelAttention, PositionAttention, _check_backend
+from .nn import ChannelAttention, PositionAttention, _check_backend, scaled_residual
 from .ops import channel_attention, position_attention
 
 # The released DANet-101 (Cityscapes) is evaluated with multi-grid dilations
@@ -117,11 +117,12 @@ def mismatch_summary(model: nn.Module, weights: Dict[str, Tensor], limit: int = 
 def _fast_pam_forward(self, x: Tensor) -> Tensor:
     out = position_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
                              backend=self._danet_ext_backend)
-    return self.gamma * out + x
+    return scaled_residual(self.gamma, out, x, self._danet_ext_backend)
 
 
 def _fast_cam_forward(self, x: Tensor) -> Tensor:
-    return self.gamma * channel_attention(x, backend=self._danet_ext_backend) + x
+    return scaled_residual(self.gamma, channel_attention(x, backend=self._danet_ext_backend), x,
+                           self._danet_ext_backend)
 
 
 _ACCELERATED_CLASSES: Dict[Tuple[type, str], type] = {}
