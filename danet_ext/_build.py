@@ -90,9 +90,14 @@ def build_info() -> dict:
         # csrc/cpu/bf16_scores.h; DANET_EXT_CPU_BF16_SCORES=0 forces the float32 GEMM
         "position_attention scores": ("float32 sums of exact bfloat16 products (AVX512-BF16)"
                                       if _bf16_score_kernel_runs() else "float32 GEMM"),
-        "auto_takes_reference_for": (["channel_attention",
-                                      f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
-                                     if fast_bf16 else []),
+        # csrc/cpu/bf16_gram.h, the same micro-kernel and switch
+        "channel_attention Gram": ("float32 sums of exact bfloat16 products (AVX512-BF16)"
+                                   if _bf16_score_kernel_runs() else
+                                   "bfloat16 products summed in float32 over slices of 1024 positions"
+                                   if fast_bf16 else "float32 GEMM"),
+        "auto_takes_reference_for": (
+            (["channel_attention"] if hardware.has_amx_bf16() or not hardware.has_avx512_bf16() else [])
+            + [f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"] if fast_bf16 else []),
     }
     if "cuda" in info["backends"]:
         info["cuda_paths"] = CUDA_PATHS

@@ -53,6 +53,12 @@ def has_avx512_bf16() -> bool:
     return {"avx512f", "avx512_bf16"} <= cpu_flags()
 
 
+def has_amx_bf16() -> bool:
+    """AMX-BF16 tiles, where oneDNN's bfloat16 matmul (the reference's bmm) runs several
+    times faster than the AVX512-BF16 kernels."""
+    return "amx_bf16" in cpu_flags()
+
+
 def has_fast_float16() -> bool:
     """float16 matmul in hardware: AVX512-FP16 or AMX-FP16."""
     return bool({"avx512_fp16", "amx_fp16"} & cpu_flags())

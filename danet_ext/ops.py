@@ -163,10 +163,14 @@ def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
 # On a CPU with bfloat16 hardware, PyTorch's own bfloat16 matmuls (the official code's
 # bmm) match or beat the kernels where the attention matrix is small (measured on a
 # 2-core AMD EPYC with AVX512-BF16; README "Benchmarks"), so "auto" takes the reference
-# there: channel attention in bfloat16 (its C x C matrix is small at any N, so there is
-# no memory to save), and position attention in bfloat16 up to this many positions
-# (a 2048 x 2048 bfloat16 matrix is 8 MiB). Larger maps take the kernel: about as fast,
-# and O(N) memory instead of N x N. backend="extension" always takes the kernel.
+# there: position attention in bfloat16 up to this many positions (a 2048 x 2048
+# bfloat16 matrix is 8 MiB). Larger maps take the kernel: faster, and O(N) memory
+# instead of N x N. Channel attention in bfloat16 takes the kernel on AVX512-BF16
+# (its Gram products there: 0.99x to 1.13x the reference forward, 1.16x to 1.24x
+# forward+backward) and the reference on CPUs with AMX-BF16, whose oneDNN bmm runs on
+# tiles several times faster than the kernel's AVX512-BF16 Gram (not measured yet: no
+# AMX machine has been available since that kernel; before it, the kernel ran 0.28x
+# there). backend="extension" always takes the kernel.
 AUTO_REFERENCE_MAX_POSITIONS = 2048
 
 
@@ -174,7 +178,9 @@ def auto_prefers_reference(op: str, device: torch.device, dtype: torch.dtype, po
     """Whether backend="auto" runs the reference for this call on speed grounds."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not hardware.has_fast_bfloat16():
         return False
-    return op == "channel_attention" or positions <= AUTO_REFERENCE_MAX_POSITIONS
+    if op == "channel_attention":
+        return hardware.has_amx_bf16() or not hardware.has_avx512_bf16()
+    return positions <= AUTO_REFERENCE_MAX_POSITIONS
 
 
 def use_kernel(backend: str, tensors: Tuple[Tensor, ...], op: str) -> bool:

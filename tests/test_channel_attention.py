@@ -183,18 +183,33 @@ def test_autocast(device):
     assert max_err(out, reference.channel_attention(x.to(dtype).double())) < 5e-2
 
 
-# bfloat16 on the CPU: products in bfloat16 on CPUs with bfloat16 hardware, float32
-# elsewhere (csrc/cpu/reduced_precision_gemm.h). Both paths run here, forced by the switch.
-CPU_BF16_PATHS = {"bfloat16-products": "1", "float32-products": "0"}
+# bfloat16 on the CPU: on CPUs with bfloat16 hardware, the Gram matrices as float32 sums of exact
+# products (AVX512-BF16 kernel, csrc/cpu/bf16_gram.h) or of bfloat16 slices, the other products in
+# bfloat16; float32 elsewhere (csrc/cpu/reduced_precision_gemm.h). All run here, forced by the switches.
+CPU_BF16_PATHS = {
+    "bfloat16-products-avx512bf16-gram": {"DANET_EXT_CPU_BF16_GEMM": "1", "DANET_EXT_CPU_BF16_SCORES": "1"},
+    "bfloat16-products-sliced-gram": {"DANET_EXT_CPU_BF16_GEMM": "1", "DANET_EXT_CPU_BF16_SCORES": "0"},
+    "float32-products": {"DANET_EXT_CPU_BF16_GEMM": "0"},
+}
+
+
+def set_cpu_bf16_path(monkeypatch, path):
+    if "avx512bf16" in path and not (danet_ext.hardware.has_avx512_bf16()
+                                     and danet_ext.build_info().get("cpu_bf16_score_kernel")):
+        pytest.skip("this CPU or build has no AVX512-BF16 kernel")
+    for name, value in CPU_BF16_PATHS[path].items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.mark.parametrize("path", CPU_BF16_PATHS)
 @pytest.mark.parametrize("B,C,HW,relu", [(2, 16, (9, 13), False), (1, 64, (48, 48), True),
-                                         (1, 512, (32, 32), True), (3, 5, (1, 1), False)])
+                                         (1, 512, (32, 32), True), (3, 5, (1, 1), False),
+                                         (1, 77, (13, 11), True), (2, 130, (7, 9), True)])
 def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, C, HW, relu):
     # post-ReLU features, as in DANet, give Gram entries in the hundreds to thousands;
-    # (48, 48): 2304 positions, more than one slice of the bfloat16 Gram product
-    monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", CPU_BF16_PATHS[path])
+    # (48, 48): 2304 positions, more than one slice of the bfloat16 Gram product and many
+    # depth chunks of the AVX512-BF16 one; C = 77 and 130: partial panels and blocks; odd N
+    set_cpu_bf16_path(monkeypatch, path)
     x = torch.randn(B, C, *HW, dtype=torch.float64)
     x = (x.relu() if relu else x * 0.3).bfloat16()
     grad_out = torch.randn(B, C, *HW).bfloat16()
@@ -207,3 +222,33 @@ def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, C, 
     _, attention = op.channel_attention_forward(x)
     assert attention.dtype == torch.float32
     torch.testing.assert_close(attention.sum(-1), torch.ones(B, C), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not danet_ext.hardware.has_avx512_bf16() or
+                    not danet_ext.build_info().get("cpu_bf16_score_kernel"),
+                    reason="this CPU or build has no AVX512-BF16 kernel")
+@pytest.mark.parametrize("B,C,HW", [(1, 512, (32, 32)), (2, 77, (13, 11)), (1, 130, (1, 1)), (1, 16, (65, 65))])
+def test_cpu_avx512bf16_gram_is_float32_sums_of_exact_products(monkeypatch, B, C, HW):
+    """The saved attention comes from E = X X^T summed in float32 from exact bfloat16 products:
+    its rows match the softmax of the float64 Gram matrix within the float32 summation bound
+    (N products per entry), and the switch really changes the path."""
+    monkeypatch.setenv("DANET_EXT_CPU_BF16_GEMM", "1")
+    x = torch.randn(B, C, *HW).relu().bfloat16()
+    xd = x.double().flatten(2)
+    gram = xd @ xd.transpose(1, 2)
+    n = xd.shape[-1]
+    # attention = softmax(-E): a change dE in E moves log A by at most 2 max|dE|
+    expected = torch.softmax(-gram, -1)
+    found, kinds = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DANET_EXT_CPU_BF16_SCORES", flag)
+        found[flag] = op.channel_attention_forward(x)[1]
+        kinds[flag] = danet_ext.build_info()["cpu_bfloat16"]["channel_attention Gram"]
+    bound = 2 * (n * 1.2e-7 * gram.abs().amax(-1, keepdim=True))  # per row
+    a = found["1"].double()
+    tiny = expected > 1e-30
+    log_err = (a[tiny].log() - expected[tiny].log()).abs()
+    assert (log_err <= (bound.expand_as(a)[tiny] + 1e-5)).all(), log_err.max()
+    assert "AVX512-BF16" in kinds["1"] and "slices" in kinds["0"]
+    if C == 512:  # the sliced bfloat16 path rounds each slice: the two differ
+        assert not torch.equal(found["1"], found["0"])

@@ -22,7 +22,8 @@ def test_info_prints_build_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     info, _ = json.JSONDecoder().raw_decode(out)  # the JSON object printed first
-    assert set(info["cpu_bfloat16"]) == {"products", "position_attention scores", "auto_takes_reference_for"}
+    assert set(info["cpu_bfloat16"]) == {"products", "position_attention scores", "channel_attention Gram",
+                                         "auto_takes_reference_for"}
     if danet_ext.HAVE_EXTENSION:  # whether the AVX512-BF16 score kernel is in this binary
         assert isinstance(info["cpu_bf16_score_kernel"], bool)
     if "cuda" in info["backends"]:  # which CUDA kernels run which dtype

@@ -445,22 +445,30 @@ def test_cpu_bfloat16_switch_changes_the_path(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("fast_bf16", [True, False])
-def test_auto_takes_the_reference_where_it_is_faster(monkeypatch, fast_bf16):
-    # on bfloat16 hardware: CAM in bfloat16 and small PAM maps in bfloat16 run the
-    # reference (measured faster there); larger maps keep the O(N)-memory kernel
-    monkeypatch.setattr(danet_ext.hardware, "has_fast_bfloat16", lambda: fast_bf16)
+@pytest.mark.parametrize("cpu", ["avx512bf16", "amx", "none"])
+def test_auto_takes_the_reference_where_it_is_faster(monkeypatch, cpu):
+    # on bfloat16 hardware, small PAM maps in bfloat16 run the reference (measured faster
+    # there) and larger maps keep the O(N)-memory kernel; bfloat16 CAM runs the kernel on
+    # AVX512-BF16 and the reference where AMX's oneDNN bmm is the faster one
+    hw = danet_ext.hardware
+    monkeypatch.setattr(hw, "has_fast_bfloat16", lambda: cpu != "none")
+    monkeypatch.setattr(hw, "has_avx512_bf16", lambda: cpu != "none")
+    monkeypatch.setattr(hw, "has_amx_bf16", lambda: cpu == "amx")
+    fast_bf16 = cpu != "none"
     ops = danet_ext.ops
     n = ops.AUTO_REFERENCE_MAX_POSITIONS
     small = make_inputs(1, 4, 8, 32, n // 32, "cpu", torch.bfloat16)
     large = make_inputs(1, 4, 8, 32, n // 32 + 1, "cpu", torch.bfloat16)
     assert ops.use_kernel("auto", tuple(small), "position_attention") is (not fast_bf16)
     assert ops.use_kernel("auto", tuple(large), "position_attention")
-    assert ops.use_kernel("auto", (small[2],), "channel_attention") is (not fast_bf16)
+    assert ops.use_kernel("auto", (small[2],), "channel_attention") is (cpu != "amx")
+    assert ops.use_kernel("auto", (large[2],), "channel_attention") is (cpu != "amx")
     assert ops.use_kernel("extension", tuple(small), "position_attention")  # never overridden
+    assert ops.use_kernel("extension", (small[2],), "channel_attention")
     assert ops.use_kernel("auto", tuple(t.float() for t in small), "position_attention")  # float32: kernel
-    info = danet_ext.build_info()["cpu_bfloat16"]
-    assert bool(info["auto_takes_reference_for"]) is fast_bf16
+    taken = danet_ext.build_info()["cpu_bfloat16"]["auto_takes_reference_for"]
+    assert ("channel_attention" in taken) is (cpu == "amx")
+    assert any(t.startswith("position_attention") for t in taken) is fast_bf16
 
 
 def test_torch_compile_fullgraph_in_bfloat16():

@@ -108,24 +108,29 @@ inline void pack_key_panels(const at::BFloat16* k, int64_t B, int64_t Cq, int64_
 }
 
 #ifdef DANET_BF16_SCORES_X86
-// S[r][16 n + l] for R query rows and NP panels; the last panel stores `last` columns.
+// S[r][16 n + l] (+)= sum over `depth` pairs p of row pair qp[r * q_stride + p] times
+// panel n's pair kp[n * panel_stride + p * 16 + l], for R rows and NP panels; the
+// last panel stores `last` columns. With accumulate, S's current values are added to.
 template <int R, int NP>
-DANET_TARGET_AVX512BF16 inline void score_micro_tile(const uint32_t* qp, int64_t P, const uint32_t* kp, float* s,
-                                                     int64_t lds, int last) {
+DANET_TARGET_AVX512BF16 inline void score_micro_tile(const uint32_t* qp, int64_t q_stride, const uint32_t* kp,
+                                                     int64_t panel_stride, int64_t depth, float* s, int64_t lds,
+                                                     int last, bool accumulate) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NP; ++n) acc[r][n] = _mm512_setzero_ps();
-  const int64_t panel_stride = P * kScorePanel;
-  for (int64_t p = 0; p < P; ++p) {
+    for (int n = 0; n < NP; ++n)
+      acc[r][n] = !accumulate ? _mm512_setzero_ps()
+                  : n + 1 < NP || last == kScorePanel ? _mm512_loadu_ps(s + r * lds + n * kScorePanel)
+                                                      : _mm512_maskz_loadu_ps(tail, s + r * lds + n * kScorePanel);
+  for (int64_t p = 0; p < depth; ++p) {
     __m512i keys[NP];
     for (int n = 0; n < NP; ++n) keys[n] = _mm512_loadu_si512(kp + n * panel_stride + p * kScorePanel);
     for (int r = 0; r < R; ++r) {
-      const __m512i query = _mm512_set1_epi32(static_cast<int>(qp[r * P + p]));
+      const __m512i query = _mm512_set1_epi32(static_cast<int>(qp[r * q_stride + p]));
       for (int n = 0; n < NP; ++n)
         acc[r][n] = _mm512_dpbf16_ps(acc[r][n], reinterpret_cast<__m512bh>(query), reinterpret_cast<__m512bh>(keys[n]));
     }
   }
-  const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
   for (int r = 0; r < R; ++r) {
     for (int n = 0; n + 1 < NP; ++n) _mm512_storeu_ps(s + r * lds + n * kScorePanel, acc[r][n]);
     if (last == kScorePanel) _mm512_storeu_ps(s + r * lds + (NP - 1) * kScorePanel, acc[r][NP - 1]);
@@ -133,14 +138,36 @@ DANET_TARGET_AVX512BF16 inline void score_micro_tile(const uint32_t* qp, int64_t
   }
 }
 
-// One group of up to four panels (64 keys) against rows [0, bq): the group's
-// keys stay in L1 while the query rows pass.
+// One group of up to four panels (64 columns) against rows [0, rows): the group's
+// panels stay in L1 while the rows pass.
 template <int NP>
-DANET_TARGET_AVX512BF16 inline void score_column_group(const uint32_t* qp, int64_t P, const uint32_t* kp, float* s,
-                                                       int64_t lds, int64_t bq, int last) {
+DANET_TARGET_AVX512BF16 inline void score_column_group(const uint32_t* qp, int64_t q_stride, const uint32_t* kp,
+                                                       int64_t panel_stride, int64_t depth, float* s, int64_t lds,
+                                                       int64_t rows, int last, bool accumulate) {
   int64_t i = 0;
-  for (; i + 4 <= bq; i += 4) score_micro_tile<4, NP>(qp + i * P, P, kp, s + i * lds, lds, last);
-  for (; i < bq; ++i) score_micro_tile<1, NP>(qp + i * P, P, kp, s + i * lds, lds, last);
+  for (; i + 4 <= rows; i += 4)
+    score_micro_tile<4, NP>(qp + i * q_stride, q_stride, kp, panel_stride, depth, s + i * lds, lds, last, accumulate);
+  for (; i < rows; ++i)
+    score_micro_tile<1, NP>(qp + i * q_stride, q_stride, kp, panel_stride, depth, s + i * lds, lds, last, accumulate);
+}
+
+// Columns [0, cols) of S (rows x cols) from the panels starting at kp (16 columns each).
+DANET_TARGET_AVX512BF16 inline void score_block(const uint32_t* qp, int64_t q_stride, const uint32_t* kp,
+                                                int64_t panel_stride, int64_t depth, float* s, int64_t lds,
+                                                int64_t rows, int64_t cols, bool accumulate) {
+  const int64_t group = 4 * kScorePanel;
+  for (int64_t j = 0; j < cols; j += group) {
+    const uint32_t* kpg = kp + (j / kScorePanel) * panel_stride;
+    const int64_t n = std::min(group, cols - j);
+    const int np = static_cast<int>((n + kScorePanel - 1) / kScorePanel);
+    const int last = static_cast<int>(n - (np - 1) * kScorePanel);
+    switch (np) {
+      case 4: score_column_group<4>(qp, q_stride, kpg, panel_stride, depth, s + j, lds, rows, last, accumulate); break;
+      case 3: score_column_group<3>(qp, q_stride, kpg, panel_stride, depth, s + j, lds, rows, last, accumulate); break;
+      case 2: score_column_group<2>(qp, q_stride, kpg, panel_stride, depth, s + j, lds, rows, last, accumulate); break;
+      default: score_column_group<1>(qp, q_stride, kpg, panel_stride, depth, s + j, lds, rows, last, accumulate); break;
+    }
+  }
 }
 #endif
 
@@ -151,21 +178,7 @@ inline void bf16_score_tile(const uint32_t* qp, const uint32_t* kp, int64_t P, i
                             int64_t bk, float* s, int64_t lds) {
 #ifdef DANET_BF16_SCORES_X86
   TORCH_CHECK(j0 % kScorePanel == 0, "bf16_score_tile: key offset ", j0, " is not a multiple of ", kScorePanel);
-  const uint32_t* qpi = qp + i0 * P;
-  const uint32_t* kpj = kp + (j0 / kScorePanel) * P * kScorePanel;
-  const int64_t group = 4 * kScorePanel;
-  for (int64_t j = 0; j < bk; j += group) {
-    const uint32_t* kpg = kpj + (j / kScorePanel) * P * kScorePanel;
-    const int64_t cols = std::min(group, bk - j);
-    const int np = static_cast<int>((cols + kScorePanel - 1) / kScorePanel);
-    const int last = static_cast<int>(cols - (np - 1) * kScorePanel);
-    switch (np) {
-      case 4: score_column_group<4>(qpi, P, kpg, s + j, lds, bq, last); break;
-      case 3: score_column_group<3>(qpi, P, kpg, s + j, lds, bq, last); break;
-      case 2: score_column_group<2>(qpi, P, kpg, s + j, lds, bq, last); break;
-      default: score_column_group<1>(qpi, P, kpg, s + j, lds, bq, last); break;
-    }
-  }
+  score_block(qp + i0 * P, P, kp + (j0 / kScorePanel) * P * kScorePanel, P * kScorePanel, P, s, lds, bq, bk, false);
 #else
   (void)qp; (void)kp; (void)P; (void)i0; (void)bq; (void)j0; (void)bk; (void)s; (void)lds;
   TORCH_CHECK(false, "bf16_score_tile: this build has no AVX512-BF16 score kernel");

@@ -7,7 +7,9 @@
 // (a float16 Gram matrix of post-ReLU features overflows 65504 long before
 // bfloat16's range ends); so is bfloat16, except on CPUs with bfloat16 hardware
 // (reduced_precision_gemm.h), where the products run in bfloat16 and E, A and
-// the softmax stay float32 (forward_bf16 below).
+// the softmax stay float32 (forward_bf16 below): E = X X^T and dA = dO X^T with
+// exact bfloat16 products and float32 sums (bf16_gram.h, AVX512-BF16), out = A X
+// and the backward's dX products through oneDNN.
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "bf16_gram.h"
 #include "reduced_precision_gemm.h"
 #include "blas.h"
 #include "row_ops.h"
@@ -109,12 +112,15 @@ void backward_kernel(const scalar_t* dout, const scalar_t* x, const scalar_t* at
   }
 }
 
-// bfloat16 on CPUs with bfloat16 hardware. The products are bfloat16 GEMMs
-// (oneDNN), which round their result once to bfloat16. The Gram matrices E = X X^T
-// and dA = dO X^T are reductions over all N positions whose entries reach
-// thousands, so they are summed in float32 over slices of kBf16Slice positions:
-// each slice's product is rounded at its own, smaller magnitude. The softmax
-// and its backward run in float32 on E and A, as in the float32 path.
+// bfloat16 on CPUs with bfloat16 hardware. The Gram matrices E = X X^T and
+// dA = dO X^T are reductions over all N positions whose entries reach thousands:
+// on AVX512-BF16 they are float32 sums of exact products (bf16_gram.h); otherwise
+// (DANET_EXT_CPU_BF16_SCORES=0, or AMX-BF16 without AVX512-BF16, which no CPU
+// has) bfloat16 GEMMs (oneDNN, one rounding each) summed in float32 over slices
+// of kBf16Slice positions, each slice rounded at its own, smaller magnitude.
+// A X and the backward's two dX products are bfloat16 GEMMs (oneDNN), rounded
+// once as the reference's bmm. The softmax and its backward run in float32 on
+// E and A, as in the float32 path.
 constexpr int64_t kBf16Slice = 1024;
 
 // sum over slices of N of a[:, :, n] b[:, :, n]^T, in float32: (B, C, C)
@@ -128,10 +134,21 @@ at::Tensor sliced_gram_bf16(const at::Tensor& a, const at::Tensor& b) {
   return acc;
 }
 
+// a[b] b[b]^T in float32 for contiguous (B, Ra, N) and (B, Rb, N); symmetric: b is a.
+at::Tensor gram_bf16(const at::Tensor& a, const at::Tensor& b, bool symmetric) {
+  if (!use_bf16_scores()) return sliced_gram_bf16(a, b);
+  const int64_t B = a.size(0), Ra = a.size(1), Rb = b.size(1), N = a.size(2);
+  at::Tensor g = at::empty({B, Ra, Rb}, a.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < B; ++i)
+    bf16_gram(a.data_ptr<at::BFloat16>() + i * Ra * N, b.data_ptr<at::BFloat16>() + i * Rb * N, Ra, Rb, N,
+              symmetric, g.data_ptr<float>() + i * Ra * Rb);
+  return g;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x_in) {
   const int64_t B = x_in.size(0), C = x_in.size(1), N = x_in.size(2) * x_in.size(3);
   at::Tensor x = x_in.contiguous().view({B, C, N});
-  at::Tensor attn = sliced_gram_bf16(x, x);
+  at::Tensor attn = gram_bf16(x, x, /*symmetric=*/true);
   for (int64_t b = 0; b < B; ++b) negated_row_softmax(attn.data_ptr<float>() + b * C * C, C);
   at::Tensor out = at::bmm(attn.to(at::kBFloat16), x);
   return {out.view(x_in.sizes()), attn};
@@ -143,7 +160,7 @@ at::Tensor backward_bf16(const at::Tensor& grad_out, const at::Tensor& x_in, con
   at::Tensor go = grad_out.contiguous().view({B, C, N});
   at::Tensor attn = attn_in.contiguous();
   // dE = -A * (dA - rowsum(dA * A)), in float32, then symmetrised: dE + dE^T
-  at::Tensor grad_a = sliced_gram_bf16(go, x);
+  at::Tensor grad_a = gram_bf16(go, x, /*symmetric=*/false);
   at::Tensor grad_e = -attn * (grad_a - (grad_a * attn).sum(-1, true));
   at::Tensor grad_sym = (grad_e + grad_e.transpose(1, 2)).to(at::kBFloat16);
   // dX = A^T dO + (dE + dE^T) X: two bfloat16 products, summed in float32
