@@ -4,6 +4,7 @@
 Paths (each in a fresh process, so times and peak memory do not mix):
   eager-float32            the model as trained: float32, NCHW (what `segment` did before)
   optimized-float32        danet_ext.optimize_for_inference(precision="float32"): BN folded, channels_last
+  optimized-float32-compiled  the same through torch.compile (inductor, freezing)
   optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware)
   optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
   optimized-bfloat16-compiled  the same through torch.compile (inductor, freezing); compile time reported
@@ -31,8 +32,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATHS = ["eager-float32", "optimized-float32", "optimized-bfloat16", "optimized-bfloat16-refattn",
-         "optimized-bfloat16-compiled",
+PATHS = ["eager-float32", "optimized-float32", "optimized-float32-compiled", "optimized-bfloat16",
+         "optimized-bfloat16-refattn", "optimized-bfloat16-compiled",
          "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
 
 
