@@ -3,7 +3,8 @@
 
 Paths (each in a fresh process, so times and peak memory do not mix):
   eager-float32            the model as trained: float32, NCHW (what `segment` did before)
-  optimized-float32        danet_ext.optimize_for_inference(precision="float32"): BN folded, channels_last
+  optimized-float32        danet_ext.optimize_for_inference(precision="float32", keep_memory=True), as the
+                           CLI's segment and evaluate: BN folded, channels_last, large convolutions split
   optimized-float32-compiled  the same through torch.compile (inductor, freezing)
   optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware)
   optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
@@ -68,7 +69,7 @@ def runner(path: str, size, onnx_file: str):
 
         model = build_model("reference" if path.endswith("refattn") else "auto")
         if path.startswith("optimized"):
-            model = optimize_for_inference(model, precision=path.split("-")[1])
+            model = optimize_for_inference(model, precision=path.split("-")[1], keep_memory=True)  # as the CLI
         if path.endswith("compiled"):
             import torch._inductor.config as inductor_config
 

@@ -96,12 +96,23 @@ def build_info() -> dict:
                                    "bfloat16 products summed in float32 over slices of 1024 positions"
                                    if fast_bf16 else "float32 GEMM"),
         "auto_takes_reference_for": (
-            (["channel_attention"] if hardware.has_amx_bf16() or not hardware.has_avx512_bf16() else [])
+            (["channel_attention"] if hardware.has_amx_bf16() or not (hardware.has_avx512_bf16()
+                                                                      and bf16_kernel_built()) else [])
             + [f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"] if fast_bf16 else []),
     }
     if "cuda" in info["backends"]:
         info["cuda_paths"] = CUDA_PATHS
     return info
+
+
+def bf16_kernel_built() -> bool:
+    """Whether this binary has the AVX512-BF16 score and Gram kernels (csrc/cpu/bf16_scores.h,
+    bf16_gram.h: x86-64 and a recent enough compiler). Fixed at import, so that the backend
+    choice reads nothing new under torch.compile."""
+    return _BF16_KERNEL_BUILT
+
+
+_BF16_KERNEL_BUILT = bool(_COMPILED_INFO.get("cpu_bf16_score_kernel"))
 
 
 def _bf16_score_kernel_runs() -> bool:

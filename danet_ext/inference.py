@@ -105,10 +105,14 @@ def fold_batch_norms(model: nn.Module) -> int:
 
 # Output channels per chunk are chosen so that each chunk's weights take at most this many
 # bytes. Measured on a 2-core AMD EPYC (2 MiB L2 per core, 32 MiB L3), batch 1, channels_last,
-# oneDNN's brgconv: DANet's conv5a/conv5c (3x3, 2048 -> 512, 18 MiB of bfloat16 weights) take
-# 440 ms at 64x128 whole and 347-351 ms as 2, 4 or 8 chunks (1639 -> 1381 ms at 128x256); in
-# float32 (36 MiB) 869 ms whole, 856 ms in 2 chunks and 693 ms in 4 or 8; 3x3 convolutions
-# with weights of 9 MiB and less, and every 1x1 convolution, ran no faster split.
+# oneDNN's brgconv, 3x3 convolutions at 64x128 (ms whole; split in 2, 4, 8 chunks):
+#   2048 -> 512 bfloat16 (18 MiB, DANet's conv5a/conv5c): 440; 350, 347, 351 (1639 -> 1381 at 128x256)
+#   2048 -> 512 float32 (36 MiB): 869; 856, 695, 693
+#   1024 -> 512 float32 (18 MiB): 430; 410, 344, 350
+#   1024 -> 512 bfloat16 (9 MiB): 169; 169, 171, 172 -- and 512 -> 512 float32 (9 MiB,
+#   dilated): 171; 169, 165, 171: neutral, so the float32 512 -> 512 ones being split costs nothing.
+# Chunks of 9 MiB were not always enough (410 against 344), chunks of 4.5 MiB always were;
+# 1x1 convolutions ran no faster split.
 SPLIT_CONV_WEIGHT_BYTES = 8 * 2 ** 20
 
 
@@ -181,21 +185,30 @@ _M_MMAP_THRESHOLD = -3
 
 def keep_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
     """Let glibc's malloc keep freed blocks of up to `max_block_bytes` for reuse (for the
-    whole process), instead of unmapping every block over 32 MiB (its largest dynamic mmap
-    threshold) on free and mapping it afresh on the next allocation. At 1024x2048 most of
-    DANet's activations are 32-64 MiB, so each forward page-faulted them all in again:
-    measured on a 2-core AMD EPYC, a fresh 64 MiB sum took 30 ms against 6.5 ms in place,
-    and DANet-101 in bfloat16 took 15.6 s a forward against 14.8 s with this set. Memory
-    freed stays with the process (its resident size stays at its peak). Returns False
-    where the C library is not glibc."""
+    whole process, for good), instead of unmapping every block over 32 MiB (its largest
+    dynamic mmap threshold) on free and mapping it afresh on the next allocation. At
+    1024x2048 most of DANet's activations are 32-128 MiB, so each forward page-faulted them
+    all in again: measured on a 2-core AMD EPYC, a fresh 64 MiB sum took 30 ms against
+    6.5 ms in place, and DANet-101 forwards ran 5 % (bfloat16) to 9 % (float32) faster with
+    this set, while the process kept about 0.6 GiB more resident. The CLI's `segment`,
+    `evaluate` and demo set it; optimize_for_inference(keep_memory=True) does too.
+
+    Returns True where it took effect. glibc before 2.35 refuses mmap thresholds over
+    32 MiB: there only the trim threshold is raised (freed heap memory is kept, blocks over
+    32 MiB are still mapped afresh) and this returns False; so does any other C library."""
     import ctypes
 
+    limit = 2 ** 31 - 1  # mallopt takes an int
+    if not 0 < max_block_bytes <= limit:
+        raise ValueError(f"danet_ext: max_block_bytes must be in (0, {limit}], got {max_block_bytes}")
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(max_block_bytes)) == 1
-        return ok and libc.mallopt(_M_TRIM_THRESHOLD, int(2 * max_block_bytes)) == 1
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
     except (OSError, AttributeError):
         return False
+    trimmed = libc.mallopt(_M_TRIM_THRESHOLD, min(2 * max_block_bytes, limit)) == 1
+    return trimmed and libc.mallopt(_M_MMAP_THRESHOLD, int(max_block_bytes)) == 1
 
 
 # --------------------------------------------------------------------------- the prepared model
@@ -241,7 +254,7 @@ class InferenceModel(nn.Module):
 def optimize_for_inference(model: nn.Module, precision: str = "auto",
                            device: Optional[Union[str, torch.device]] = None,
                            fold_bn: bool = True, compile: bool = False,
-                           split_convs: bool = True, keep_memory: bool = True) -> InferenceModel:
+                           split_convs: bool = True, keep_memory: bool = False) -> InferenceModel:
     """A copy of `model` prepared for fast inference (the original is left as it is).
 
     Args:
@@ -256,8 +269,9 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
             and conv5c) in chunks of output channels, which oneDNN runs faster
             (SPLIT_CONV_WEIGHT_BYTES says what was measured); the sums are the same.
         keep_memory: on the CPU, call keep_freed_memory(): glibc then keeps freed
-            activations for the next forward instead of page-faulting them in afresh
-            (a process-wide setting; 5 % faster at 1024x2048, see its docstring).
+            activations for the next forward instead of page-faulting them in afresh (5 to
+            9 % faster at 1024x2048, ~0.6 GiB more resident). A process-wide setting, so
+            off by default here; the CLI's segment and evaluate turn it on.
         compile: run through torch.compile (inductor, freezing). It pays off for many
             images of one size: measured on a 2-core AMD EPYC (AVX512-BF16) on 2026-11-30,
             DANet-ResNet-101 in bfloat16 at 512x1024 took 3.14 s a forward instead of 3.46 s,

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import hardware, reference
-from ._build import HAVE_EXTENSION, has_kernel
+from ._build import HAVE_EXTENSION, bf16_kernel_built, has_kernel
 
 BACKENDS = ("auto", "extension", "reference")
 
@@ -165,8 +165,8 @@ def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
 # 2-core AMD EPYC with AVX512-BF16; README "Benchmarks"), so "auto" takes the reference
 # there: position attention in bfloat16 up to this many positions (a 2048 x 2048
 # bfloat16 matrix is 8 MiB). Larger maps take the kernel: faster, and O(N) memory
-# instead of N x N. Channel attention in bfloat16 takes the kernel on AVX512-BF16
-# (its Gram products there: 0.99x to 1.13x the reference forward, 1.16x to 1.24x
+# instead of N x N. Channel attention in bfloat16 takes the kernel on AVX512-BF16, where
+# this binary has its Gram kernel (0.99x to 1.13x the reference forward, 1.16x to 1.24x
 # forward+backward) and the reference on CPUs with AMX-BF16, whose oneDNN bmm runs on
 # tiles several times faster than the kernel's AVX512-BF16 Gram (not measured yet: no
 # AMX machine has been available since that kernel; before it, the kernel ran 0.28x
@@ -178,8 +178,8 @@ def auto_prefers_reference(op: str, device: torch.device, dtype: torch.dtype, po
     """Whether backend="auto" runs the reference for this call on speed grounds."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not hardware.has_fast_bfloat16():
         return False
-    if op == "channel_attention":
-        return hardware.has_amx_bf16() or not hardware.has_avx512_bf16()
+    if op == "channel_attention":  # the kernel's Gram needs AVX512-BF16 and a binary built with it
+        return hardware.has_amx_bf16() or not (hardware.has_avx512_bf16() and bf16_kernel_built())
     return positions <= AUTO_REFERENCE_MAX_POSITIONS
 
 

@@ -445,7 +445,7 @@ def test_cpu_bfloat16_switch_changes_the_path(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("cpu", ["avx512bf16", "amx", "none"])
+@pytest.mark.parametrize("cpu", ["avx512bf16", "avx512bf16-binary-without-kernel", "amx", "none"])
 def test_auto_takes_the_reference_where_it_is_faster(monkeypatch, cpu):
     # on bfloat16 hardware, small PAM maps in bfloat16 run the reference (measured faster
     # there) and larger maps keep the O(N)-memory kernel; bfloat16 CAM runs the kernel on
@@ -454,20 +454,24 @@ def test_auto_takes_the_reference_where_it_is_faster(monkeypatch, cpu):
     monkeypatch.setattr(hw, "has_fast_bfloat16", lambda: cpu != "none")
     monkeypatch.setattr(hw, "has_avx512_bf16", lambda: cpu != "none")
     monkeypatch.setattr(hw, "has_amx_bf16", lambda: cpu == "amx")
+    built = cpu != "avx512bf16-binary-without-kernel"
+    monkeypatch.setattr(danet_ext.ops, "bf16_kernel_built", lambda: built)
+    monkeypatch.setattr(danet_ext._build, "bf16_kernel_built", lambda: built)
     fast_bf16 = cpu != "none"
+    cam_kernel = cpu == "avx512bf16"
     ops = danet_ext.ops
     n = ops.AUTO_REFERENCE_MAX_POSITIONS
     small = make_inputs(1, 4, 8, 32, n // 32, "cpu", torch.bfloat16)
     large = make_inputs(1, 4, 8, 32, n // 32 + 1, "cpu", torch.bfloat16)
     assert ops.use_kernel("auto", tuple(small), "position_attention") is (not fast_bf16)
     assert ops.use_kernel("auto", tuple(large), "position_attention")
-    assert ops.use_kernel("auto", (small[2],), "channel_attention") is (cpu != "amx")
-    assert ops.use_kernel("auto", (large[2],), "channel_attention") is (cpu != "amx")
+    assert ops.use_kernel("auto", (small[2],), "channel_attention") is (cam_kernel or not fast_bf16)
+    assert ops.use_kernel("auto", (large[2],), "channel_attention") is (cam_kernel or not fast_bf16)
     assert ops.use_kernel("extension", tuple(small), "position_attention")  # never overridden
     assert ops.use_kernel("extension", (small[2],), "channel_attention")
     assert ops.use_kernel("auto", tuple(t.float() for t in small), "position_attention")  # float32: kernel
     taken = danet_ext.build_info()["cpu_bfloat16"]["auto_takes_reference_for"]
-    assert ("channel_attention" in taken) is (cpu == "amx")
+    assert ("channel_attention" in taken) is (fast_bf16 and not cam_kernel)
     assert any(t.startswith("position_attention") for t in taken) is fast_bf16
 
 

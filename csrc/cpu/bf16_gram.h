@@ -84,7 +84,7 @@ inline void bf16_gram(const at::BFloat16* a, const at::BFloat16* b, int64_t Ra, 
   const bool in_place = N % 2 == 0 && reinterpret_cast<uintptr_t>(a) % alignof(uint32_t) == 0;
   std::vector<uint32_t> ap(in_place ? 0 : Ra * P), bp(((Rb + kScorePanel - 1) / kScorePanel) * P * kScorePanel);
   if (!in_place) pack_row_pairs(a, Ra, N, ap.data());
-  const uint32_t* a_pairs = in_place ? reinterpret_cast<const uint32_t*>(a) : ap.data();
+  const bf16_pair_t* a_pairs = in_place ? reinterpret_cast<const bf16_pair_t*>(a) : ap.data();
   pack_row_panels(b, Rb, N, bp.data());
   const int64_t row_blocks = (Ra + kGramBlock - 1) / kGramBlock, col_blocks = (Rb + kGramBlock - 1) / kGramBlock;
   std::vector<std::pair<int64_t, int64_t>> tasks;

@@ -47,6 +47,13 @@ namespace cpu {
 
 constexpr int64_t kScorePanel = 16;  // keys per packed panel (one zmm of float32)
 
+// A packed pair of bfloat16 values. may_alias: bf16_gram.h reads bfloat16 rows in place as pairs.
+#if defined(__GNUC__)
+typedef uint32_t __attribute__((__may_alias__)) bf16_pair_t;
+#else
+typedef uint32_t bf16_pair_t;
+#endif
+
 // Whether this build contains the kernel (x86-64, a recent enough compiler).
 constexpr bool bf16_score_kernel_built() {
 #ifdef DANET_BF16_SCORES_X86
@@ -112,7 +119,7 @@ inline void pack_key_panels(const at::BFloat16* k, int64_t B, int64_t Cq, int64_
 // panel n's pair kp[n * panel_stride + p * 16 + l], for R rows and NP panels; the
 // last panel stores `last` columns. With accumulate, S's current values are added to.
 template <int R, int NP>
-DANET_TARGET_AVX512BF16 inline void score_micro_tile(const uint32_t* qp, int64_t q_stride, const uint32_t* kp,
+DANET_TARGET_AVX512BF16 inline void score_micro_tile(const bf16_pair_t* qp, int64_t q_stride, const uint32_t* kp,
                                                      int64_t panel_stride, int64_t depth, float* s, int64_t lds,
                                                      int last, bool accumulate) {
   const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
@@ -141,7 +148,7 @@ DANET_TARGET_AVX512BF16 inline void score_micro_tile(const uint32_t* qp, int64_t
 // One group of up to four panels (64 columns) against rows [0, rows): the group's
 // panels stay in L1 while the rows pass.
 template <int NP>
-DANET_TARGET_AVX512BF16 inline void score_column_group(const uint32_t* qp, int64_t q_stride, const uint32_t* kp,
+DANET_TARGET_AVX512BF16 inline void score_column_group(const bf16_pair_t* qp, int64_t q_stride, const uint32_t* kp,
                                                        int64_t panel_stride, int64_t depth, float* s, int64_t lds,
                                                        int64_t rows, int last, bool accumulate) {
   int64_t i = 0;
@@ -152,7 +159,7 @@ DANET_TARGET_AVX512BF16 inline void score_column_group(const uint32_t* qp, int64
 }
 
 // Columns [0, cols) of S (rows x cols) from the panels starting at kp (16 columns each).
-DANET_TARGET_AVX512BF16 inline void score_block(const uint32_t* qp, int64_t q_stride, const uint32_t* kp,
+DANET_TARGET_AVX512BF16 inline void score_block(const bf16_pair_t* qp, int64_t q_stride, const uint32_t* kp,
                                                 int64_t panel_stride, int64_t depth, float* s, int64_t lds,
                                                 int64_t rows, int64_t cols, bool accumulate) {
   const int64_t group = 4 * kScorePanel;

@@ -43,9 +43,11 @@ class DANet(nn.Module):
         self.pretrained = dilated_resnet(backbone, output_stride=output_stride, multi_grid=multi_grid,
                                          deep_stem=deep_stem, norm_layer=norm_layer)
         self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, backend=backend)
-        # dtype the logits are upsampled and returned in (None: the model's own);
-        # optimize_for_inference sets float32 for a reduced-precision model.
-        self.output_dtype: Optional[torch.dtype] = None
+
+    # dtype the logits are upsampled and returned in (None: the model's own); optimize_for_inference
+    # sets float32 for a reduced-precision model. A class attribute, so that models pickled
+    # before it existed still run.
+    output_dtype: Optional[torch.dtype] = None
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
         size = x.shape[2:]

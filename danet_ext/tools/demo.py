@@ -140,7 +140,7 @@ def compare_inference(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     (auto precision): held-out mIoU and time per image, on the same images."""
     from ..inference import optimize_for_inference
 
-    fast = optimize_for_inference(model)
+    fast = optimize_for_inference(model, keep_memory=True)
     rows = {}
     for name, run in (("eager float32", model), (f"optimized {str(fast.dtype).replace('torch.', '')}", fast)):
         model.eval()

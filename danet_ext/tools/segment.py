@@ -338,10 +338,11 @@ def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: O
 
 def prepare(model: nn.Module, precision: str, verbose: bool = False) -> nn.Module:
     """The model through optimize_for_inference (BatchNorm folded, channels_last,
-    the precision asked for, "auto" choosing what the hardware runs fastest)."""
+    the precision asked for, "auto" choosing what the hardware runs fastest), with glibc
+    keeping freed activations for the next image (this command's own process)."""
     from ..inference import optimize_for_inference
 
-    fast = optimize_for_inference(model, precision=precision)
+    fast = optimize_for_inference(model, precision=precision, keep_memory=True)
     if verbose:
         print(f"inference: {str(fast.dtype).replace('torch.', '')}, channels_last, "
               f"{fast.folded_batch_norms} BatchNorms folded, on {fast.device}", flush=True)
