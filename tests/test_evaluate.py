@@ -70,6 +70,26 @@ def test_evaluate_reports_what_an_independent_computation_finds(tmp_path, setup)
     assert abs(result["pixel_accuracy"] - expected["pixel_accuracy"]) < 0.002
 
 
+def test_evaluate_compiled_reports_what_eager_does(tmp_path, setup):
+    """--compile runs the same model through torch.compile: the same numbers."""
+    _, ckpt = setup
+    data = tmp_path / "voc"
+    write_voc_folder(data, count=2, size=64)
+    results, said = {}, {}
+    for flag in ((), ("--compile",)):
+        out = tmp_path / ("eval" + "".join(flag))
+        res = run_cli("evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--precision", "float32",
+                      "--out", str(out), *flag)
+        assert res.returncode == 0, res.stderr
+        results[flag] = json.loads((out / "evaluation.json").read_text())
+        said[flag] = res.stdout + res.stderr
+    assert ", compiled (" in said[("--compile",)] and ", compiled (" not in said[()]
+    eager, compiled = results[()], results[("--compile",)]
+    assert compiled["images"] == eager["images"] == 2
+    assert abs(compiled["miou"] - eager["miou"]) < 0.002, (compiled["miou"], eager["miou"])
+    assert abs(compiled["pixel_accuracy"] - eager["pixel_accuracy"]) < 0.002
+
+
 def test_evaluate_rejects_labels_outside_the_classes(tmp_path, setup):
     _, ckpt = setup
     data = tmp_path / "voc"

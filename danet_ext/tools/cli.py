@@ -154,7 +154,7 @@ def cmd_evaluate(args) -> int:
         result = evaluate_folder(args.checkpoint, args.data, layout=args.layout, split=args.split,
                                  scales=args.scales, flip=args.flip, window=args.window, precision=args.precision,
                                  out_dir=args.out, num_classes=args.num_classes, backbone=args.backbone,
-                                 limit=args.limit)
+                                 limit=args.limit, compile=args.compile)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     print(format_result(result))
@@ -275,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", choices=["resnet50", "resnet101", "resnet152"], default=None,
                    help="None means what the keys show")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor, freezing): each new input size (window, scale) "
+                        "compiles first (seconds to a minute), then every forward of that size runs faster "
+                        "(DANet-101 in bfloat16 at 512x1024 on a 2-core CPU: 2.86 s a forward against 3.00 s, "
+                        "after a 12 s first call)")
     s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
     s.set_defaults(func=cmd_evaluate)
 

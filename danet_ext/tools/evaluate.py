@@ -57,7 +57,7 @@ def evaluate_folder(checkpoint: str, data: str, layout: str = "voc", split: str 
                     scales: Sequence[float] = (1.0,), flip: bool = False, window: int = 512,
                     precision: str = "auto", out_dir: Optional[str] = None, num_classes: Optional[int] = None,
                     backbone: Optional[str] = None, limit: Optional[int] = None,
-                    progress: bool = True) -> Dict[str, object]:
+                    progress: bool = True, compile: bool = False) -> Dict[str, object]:
     from tqdm import tqdm
 
     dataset = FolderSegmentation(data, layout, split)
@@ -65,7 +65,7 @@ def evaluate_folder(checkpoint: str, data: str, layout: str = "voc", split: str 
     k = model_classes(model)
     names = getattr(model, "class_names", None) or [f"class {i}" for i in range(k)]
     normalize = takes_normalised_images(model)
-    fast = prepare(model, precision, verbose=progress)
+    fast = prepare(model, precision, verbose=progress, compile=compile)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     conf = torch.zeros(k, k, dtype=torch.long)
     bar = tqdm(range(count), desc="evaluating", file=sys.stderr, disable=not progress, dynamic_ncols=True)

@@ -336,16 +336,19 @@ def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: O
     return out_path
 
 
-def prepare(model: nn.Module, precision: str, verbose: bool = False) -> nn.Module:
+def prepare(model: nn.Module, precision: str, verbose: bool = False, compile: bool = False) -> nn.Module:
     """The model through optimize_for_inference (BatchNorm folded, channels_last,
     the precision asked for, "auto" choosing what the hardware runs fastest), with glibc
-    keeping freed activations for the next image (this command's own process)."""
+    keeping freed activations for the next image (this command's own process); compile:
+    through torch.compile as well (inductor, freezing)."""
     from ..inference import optimize_for_inference
 
-    fast = optimize_for_inference(model, precision=precision, keep_memory=True)
+    fast = optimize_for_inference(model, precision=precision, keep_memory=True, compile=compile)
     if verbose:
         print(f"inference: {str(fast.dtype).replace('torch.', '')}, channels_last, "
-              f"{fast.folded_batch_norms} BatchNorms folded, on {fast.device}", flush=True)
+              f"{fast.folded_batch_norms} BatchNorms folded, {fast.split_convolutions} convolutions split"
+              f"{', compiled (each new input size compiles first)' if compile else ''}, on {fast.device}",
+              flush=True)
     return fast
 
 
