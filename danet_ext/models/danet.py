@@ -52,10 +52,12 @@ class DANet(nn.Module):
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
         size = x.shape[2:]
         c4 = self.pretrained.forward_features(x)[3]
-        if self.aux or self.training:
+        fused_only = getattr(self.head, "fused_output", None)  # a head swapped for another may lack it
+        if self.aux or self.training or fused_only is None:
             outputs = self.head(c4)
+            outputs = outputs if self.aux else outputs[:1]
         else:  # the auxiliary outputs would be computed and upsampled only to be dropped
-            outputs = (self.head.fused_output(c4),)
+            outputs = (fused_only(c4),)
         outputs = tuple(self._upsample(o, size) for o in outputs)
         return outputs if self.aux else outputs[0]
 
