@@ -119,16 +119,26 @@ ScoreOperands score_operands(const at::Tensor& query, const at::Tensor& key) {
 // multiplied by is returned. The accumulator holds the normalised output so far
 // (weights summing to 1), so it never exceeds max |v|: a value that fits in the
 // dtype, as the reference's, cannot overflow in the sum.
+// softmax_tile_row without its last pass: the row is left as exp(s - m_new) and
+// *normaliser gets 1 / l_new, which the caller multiplies in while it reads the row anyway.
 template <typename scalar_t>
-scalar_t softmax_tile_row(scalar_t* row, int64_t n, scalar_t& m, scalar_t& l) {
+scalar_t softmax_tile_row_unscaled(scalar_t* row, int64_t n, scalar_t& m, scalar_t& l, scalar_t* normaliser) {
   const scalar_t m_new = online_max(m, row_max(row, n));
   const scalar_t alpha = online_rescale(m, m_new);
   const scalar_t tile_sum = exp_row_inplace(row, n, scalar_t(1), exp_offset(m_new));
   const scalar_t l_new = online_sum(l, alpha, tile_sum);
   const scalar_t rescale = normalised_rescale(alpha, l, l_new);
-  scale_row(row, n, scalar_t(1) / l_new);
+  *normaliser = scalar_t(1) / l_new;
   l = l_new;
   m = m_new;
+  return rescale;
+}
+
+template <typename scalar_t>
+scalar_t softmax_tile_row(scalar_t* row, int64_t n, scalar_t& m, scalar_t& l) {
+  scalar_t normaliser;
+  const scalar_t rescale = softmax_tile_row_unscaled(row, n, m, l, &normaliser);
+  scale_row(row, n, normaliser);
   return rescale;
 }
 
@@ -216,9 +226,10 @@ void forward_kernel_16(const ScoreSource& scores_of, const T16* v, T16* out, flo
         scores_of.tile(b, i0, bq, j0, bk, scores.data(), block_k);
         for (int64_t i = 0; i < bq; ++i) {
           float* row = scores.data() + i * block_k;
-          rescale[i] = softmax_tile_row(row, bk, row_m[i], row_l[i]);
-          T16* prow = p16.data() + i * block_k;
-          for (int64_t j = 0; j < bk; ++j) prow[j] = static_cast<T16>(row[j]);
+          float normaliser;
+          rescale[i] = softmax_tile_row_unscaled(row, bk, row_m[i], row_l[i], &normaliser);
+          T16* prow = p16.data() + i * block_k;  // P = exp(s - m) / l, rounded once to T16
+          for (int64_t j = 0; j < bk; ++j) prow[j] = static_cast<T16>(row[j] * normaliser);
         }
         // O tile (C x bq) = V[:, j0:j0+bk] P^T, straight into the output when one tile holds every key
         mm16<T16>(false, true, C, bq, bk, vb + j0, N, p16.data(), block_k, one_tile ? ob : o16.data(),
