@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import hardware
+from .allocator import keep_freed_memory
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
@@ -175,40 +176,6 @@ def _upsample_in_float32(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, DANet):
             module.output_dtype = torch.float32
-
-
-# --------------------------------------------------------------------------- the CPU allocator
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def keep_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
-    """Let glibc's malloc keep freed blocks of up to `max_block_bytes` for reuse (for the
-    whole process, for good), instead of unmapping every block over 32 MiB (its largest
-    dynamic mmap threshold) on free and mapping it afresh on the next allocation. At
-    1024x2048 most of DANet's activations are 32-128 MiB, so each forward page-faulted them
-    all in again: measured on a 2-core AMD EPYC, a fresh 64 MiB sum took 30 ms against
-    6.5 ms in place, and DANet-101 forwards ran 5 % (bfloat16) to 9 % (float32) faster with
-    this set, while the process kept about 0.6 GiB more resident. The CLI's `segment`,
-    `evaluate` and demo set it; optimize_for_inference(keep_memory=True) does too.
-
-    Returns True where it took effect. glibc before 2.35 refuses mmap thresholds over
-    32 MiB: there only the trim threshold is raised (freed heap memory is kept, blocks over
-    32 MiB are still mapped afresh) and this returns False; so does any other C library."""
-    import ctypes
-
-    limit = 2 ** 31 - 1  # mallopt takes an int
-    if not 0 < max_block_bytes <= limit:
-        raise ValueError(f"danet_ext: max_block_bytes must be in (0, {limit}], got {max_block_bytes}")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.mallopt.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return False
-    trimmed = libc.mallopt(_M_TRIM_THRESHOLD, min(2 * max_block_bytes, limit)) == 1
-    return trimmed and libc.mallopt(_M_MMAP_THRESHOLD, int(max_block_bytes)) == 1
 
 
 # --------------------------------------------------------------------------- the prepared model

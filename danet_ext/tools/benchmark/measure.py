@@ -3,7 +3,6 @@ caching allocator's peak, on the CPU the peak resident set (Linux VmHWM, reset
 through /proc/self/clear_refs, with glibc told to return large blocks)."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import statistics
@@ -11,6 +10,8 @@ import time
 from typing import Callable, Optional
 
 import torch
+
+from ... import allocator
 
 
 def _sync(device: str) -> None:
@@ -32,8 +33,6 @@ def time_call(fn: Callable[[], object], device: str, repeats: int = 3, warmup: i
     return statistics.median(times)
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 # glibc's own ceiling for its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 _STEADY_STATE_THRESHOLD = 32 << 20
 _MEASURING_MMAP_THRESHOLD = 64 << 10
@@ -55,30 +54,14 @@ def cpu_peak_tracking_available() -> bool:
     return os.access("/proc/self/clear_refs", os.W_OK) and _read_status_kib("VmHWM") is not None
 
 
-_libc = None
-
-
-def _mallopt(param: int, value: int) -> None:
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.mallopt(param, value)
-    except (OSError, AttributeError):
-        pass
-
-
 def _release_freed_memory() -> None:
     # Blocks of 64 KiB and more are mmapped and returned to the system on free,
     # and what earlier frees left in the heap is trimmed, so that a call's new
     # allocations show up in the resident set instead of reusing resident pages.
     # Both thresholds are set, since the steady state between measurements raises both.
-    _mallopt(_M_MMAP_THRESHOLD, _MEASURING_MMAP_THRESHOLD)
-    _mallopt(_M_TRIM_THRESHOLD, _MEASURING_TRIM_THRESHOLD)
-    try:
-        _libc.malloc_trim(0)
-    except AttributeError:
-        pass
+    allocator.mallopt(allocator.M_MMAP_THRESHOLD, _MEASURING_MMAP_THRESHOLD)
+    allocator.mallopt(allocator.M_TRIM_THRESHOLD, _MEASURING_TRIM_THRESHOLD)
+    allocator.malloc_trim()
 
 
 def _restore_steady_state_allocator() -> None:
@@ -88,8 +71,8 @@ def _restore_steady_state_allocator() -> None:
     # later call would mmap, page-fault and unmap each buffer of 64 KiB or more:
     # time no user's process spends, and more for code with many work buffers.
     # Timings run at glibc's steady state instead.
-    _mallopt(_M_MMAP_THRESHOLD, _STEADY_STATE_THRESHOLD)
-    _mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_STATE_THRESHOLD)
+    allocator.mallopt(allocator.M_MMAP_THRESHOLD, _STEADY_STATE_THRESHOLD)
+    allocator.mallopt(allocator.M_TRIM_THRESHOLD, 2 * _STEADY_STATE_THRESHOLD)
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> Optional[float]:
