@@ -77,7 +77,9 @@ def build_info() -> dict:
     info["runtime_torch_version"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
     from . import hardware
-    from .ops import AUTO_REFERENCE_MAX_POSITIONS
+    from .ops import AUTO_REFERENCE_MAX_POSITIONS, auto_prefers_reference
+
+    cpu = torch.device("cpu")
 
     fast_bf16 = hardware.has_fast_bfloat16()
     # float16 position attention multiplies in float16 where the CPU has AVX512-FP16 or AMX-FP16
@@ -95,10 +97,12 @@ def build_info() -> dict:
                                    if _bf16_score_kernel_runs() else
                                    "bfloat16 products summed in float32 over slices of 1024 positions"
                                    if fast_bf16 else "float32 GEMM"),
+        # what ops.auto_prefers_reference decides for bfloat16 on this CPU
         "auto_takes_reference_for": (
-            (["channel_attention"] if hardware.has_amx_bf16() or not (hardware.has_avx512_bf16()
-                                                                      and bf16_kernel_built()) else [])
-            + [f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"] if fast_bf16 else []),
+            (["channel_attention"] if auto_prefers_reference("channel_attention", cpu, torch.bfloat16, 0) else [])
+            + ([f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
+               if auto_prefers_reference("position_attention", cpu, torch.bfloat16,
+                                         AUTO_REFERENCE_MAX_POSITIONS) else [])),
     }
     if "cuda" in info["backends"]:
         info["cuda_paths"] = CUDA_PATHS
@@ -121,8 +125,7 @@ def _bf16_score_kernel_runs() -> bool:
     DANET_EXT_CPU_BF16_SCORES does not switch it off. Read per call, as the kernels do."""
     from . import hardware
 
-    return (bool(_COMPILED_INFO.get("cpu_bf16_score_kernel")) and hardware.has_avx512_bf16()
-            and os.environ.get("DANET_EXT_CPU_BF16_SCORES") != "0")
+    return bf16_kernel_built() and hardware.has_avx512_bf16() and os.environ.get("DANET_EXT_CPU_BF16_SCORES") != "0"
 
 
 # Which CUDA kernels run what (csrc/cuda; README, "How it works").

@@ -118,9 +118,9 @@ ScoreOperands score_operands(const at::Tensor& query, const at::Tensor& key) {
 // maximum m and sum l are updated, and the factor the accumulator must be
 // multiplied by is returned. The accumulator holds the normalised output so far
 // (weights summing to 1), so it never exceeds max |v|: a value that fits in the
-// dtype, as the reference's, cannot overflow in the sum.
-// softmax_tile_row without its last pass: the row is left as exp(s - m_new) and
-// *normaliser gets 1 / l_new, which the caller multiplies in while it reads the row anyway.
+// dtype, as the reference's, cannot overflow in the sum. The _unscaled form leaves
+// out the last pass: the row stays exp(s - m_new) and *normaliser gets 1 / l_new,
+// for a caller that multiplies it in while it reads the row anyway.
 template <typename scalar_t>
 scalar_t softmax_tile_row_unscaled(scalar_t* row, int64_t n, scalar_t& m, scalar_t& l, scalar_t* normaliser) {
   const scalar_t m_new = online_max(m, row_max(row, n));
