@@ -21,6 +21,7 @@ leftImg8bit/train/*/*_leftImg8bit.png with gtFine/train/*/*_gtFine_labelTrainIds
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -146,7 +147,8 @@ def main(argv=None):
         model = DANet(num_classes, backbone=args.backbone, multi_grid=(4, 8, 16) if args.multi_grid else None)
         if args.pretrained_backbone:
             load_torchvision_resnet(model.pretrained, args.pretrained_backbone)
-    if distributed:
+    if distributed and device.type == "cuda":
+        # SyncBatchNorm runs on GPUs only; CPU processes keep per-process BatchNorm statistics.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     head_params = list(model.head.parameters())
@@ -226,6 +228,10 @@ def main(argv=None):
         print(f"{it} iterations in {time.perf_counter() - t0:.0f} s; running train mIoU {mean_iou(conf):.3f}; "
               f"checkpoint {os.path.join(args.out, 'last.pt')}")
     if distributed:
+        # DDP's reducer holds the process group; released first, the group is torn down
+        # here rather than at interpreter exit, where gloo's threads can abort the process.
+        del ddp_model
+        gc.collect()
         dist.destroy_process_group()
     return mean_iou(conf)
 

@@ -1,6 +1,8 @@
 """examples/train.py runs end to end (synthetic data, tiny model) and resumes."""
 import importlib.util
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -23,6 +25,20 @@ def test_train_runs_saves_and_resumes(tmp_path):
     assert ckpt["iter"] == 4 and ckpt["config"]["arch"] == "tiny"
     train.main(common + ["--iters", "6", "--resume", str(tmp_path / "last.pt")])
     assert torch.load(tmp_path / "last.pt", weights_only=True)["iter"] == 6
+
+
+def test_train_runs_distributed_on_two_cpu_processes(tmp_path):
+    # torchrun, two processes on the CPU (gloo): DistributedDataParallel, the distributed
+    # sampler, rank 0 saving, and a clean teardown of the process group in both ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "examples", "train.py"), "--data", "synthetic", "--arch", "tiny", "--batch", "2",
+           "--crop", "64", "--workers", "0", "--iters", "2", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["iter"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
 def test_augment_and_poly_lr():
