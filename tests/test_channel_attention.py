@@ -24,7 +24,7 @@ def grads_of(fn, x, grad_out):
     return out.detach(), x.grad
 
 
-SHAPES = list(itertools.product((1, 2), (1, 3, 64, 512), ((1, 1), (5, 7), (33, 31))))
+SHAPES = list(itertools.product((1, 2), (1, 3, 64, 259, 512), ((1, 1), (5, 7), (33, 31))))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -43,6 +43,24 @@ def test_forward_and_grad_match_reference_float64(device, B, C, HW):
         ref, ref_grad = grads_of(reference.channel_attention, x, grad_out)
         assert_within_twice_pytorch(out, ref, truth, atol=1e-6)
         assert_within_twice_pytorch(grad, ref_grad, truth_grad, atol=1e-6 * truth_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("C", [200, 259, 515])
+def test_cpu_gram_blocking_for_any_thread_count(threads, C):
+    # The CPU Gram matrix is split into paired block rows by the thread count (one
+    # full GEMM below two blocks of 64 rows per thread); every split gives E exactly.
+    x = torch.randn(2, C, 9, 7, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, grad = grads_of(ext_channel_attention, x, grad_out)
+    finally:
+        torch.set_num_threads(before)
+    truth, truth_grad = grads_of(reference.channel_attention, x, grad_out)
+    torch.testing.assert_close(out, truth, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, truth_grad, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,31 +28,40 @@ namespace danet {
 namespace cpu {
 namespace {
 
-// E (C x C) = X X^T for one batch. E is symmetric: only the blocks on and
-// above the diagonal are multiplied (in parallel, one GEMM per block pair) and
-// the rest is mirrored, about 10/16 of a full GEMM's work at C = 512.
+// E (C x C) = X X^T for one batch. E is symmetric: only the block rows' parts
+// on and above the diagonal are multiplied (block row i: its rows against the
+// columns from its own first row on, one GEMM) and the rest is mirrored. The
+// block rows are paired, the widest with the narrowest (i with blocks-1-i), so
+// that every task does the same work: with 2m blocks per thread this is
+// (2mT + 1) / (4mT) of a full GEMM's work, in equal shares. When C is too small
+// for two blocks of kMinBlock rows per thread, one full GEMM, threaded by the
+// BLAS, does better than fewer tasks than threads.
 template <typename scalar_t>
 void gram_symmetric(const scalar_t* x, scalar_t* e, int64_t C, int64_t N) {
-  constexpr int64_t kBlock = 128;
-  const int64_t blocks = (C + kBlock - 1) / kBlock;
-  if (blocks <= 1) {
+  constexpr int64_t kMinBlock = 64;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = std::min<int64_t>(2, C / (2 * kMinBlock * threads));  // pairs per thread
+  if (per_thread < 1) {
     gemm<scalar_t>(false, true, C, C, N, 1, x, N, x, N, 0, e, C);
     return;
   }
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t bi = 0; bi < blocks; ++bi)
-    for (int64_t bj = bi; bj < blocks; ++bj) pairs.emplace_back(bi * kBlock, bj * kBlock);
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const auto [r0, c0] = pairs[p];
-      gemm<scalar_t>(false, true, std::min(kBlock, C - r0), std::min(kBlock, C - c0), N, 1,
-                     x + r0 * N, N, x + c0 * N, N, 0, e + r0 * C + c0, C);
+  const int64_t blocks = 2 * per_thread * threads;
+  const int64_t block = (C + blocks - 1) / blocks;
+  auto block_row = [&](int64_t i) {
+    const int64_t r0 = i * block, rows = std::min(block, C - r0);
+    if (rows > 0)
+      gemm<scalar_t>(false, true, rows, C - r0, N, 1, x + r0 * N, N, x + r0 * N, N, 0, e + r0 * C + r0, C);
+  };
+  at::parallel_for(0, blocks / 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      block_row(t);
+      block_row(blocks - 1 - t);
     }
   });
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t below = (i / kBlock) * kBlock;  // columns of blocks left of the diagonal
-      for (int64_t j = 0; j < below; ++j) e[i * C + j] = e[j * C + i];
+      const int64_t first = (i / block) * block;  // columns left of row i's block row's diagonal
+      for (int64_t j = 0; j < first; ++j) e[i * C + j] = e[j * C + i];
     }
   });
 }
