@@ -230,8 +230,11 @@ def main(argv=None):
     if distributed:
         # DDP's reducer holds the process group; released first, the group is torn down
         # here rather than at interpreter exit, where gloo's threads can abort the process.
+        # The barrier keeps a rank from closing its connections while another (rank 0,
+        # after writing the checkpoint) is still behind.
         del ddp_model
         gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return mean_iou(conf)
 

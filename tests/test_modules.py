@@ -1,6 +1,7 @@
 """The nn.Modules and the full DANet: backends agree, official checkpoints load."""
 import copy
 import os
+import time
 import warnings
 
 import pytest
@@ -287,7 +288,13 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the DistributedDataParallel workers did not finish in 300 s")
     ddp_grads = torch.load(path, weights_only=True)
     torch.manual_seed(0)
     head = randomize(DANetHead(64, 3)).eval()

@@ -28,14 +28,25 @@ def test_train_runs_saves_and_resumes(tmp_path):
 
 
 def test_train_runs_distributed_on_two_cpu_processes(tmp_path):
-    # torchrun, two processes on the CPU (gloo): DistributedDataParallel, the distributed
-    # sampler, rank 0 saving, and a clean teardown of the process group in both ranks
+    # torchrun, two processes on the CPU (gloo, GPUs hidden): DistributedDataParallel,
+    # the distributed sampler, rank 0 saving, and a clean teardown of the process group
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(tmp_path / "logs"),
            os.path.join(ROOT, "examples", "train.py"), "--data", "synthetic", "--arch", "tiny", "--batch", "2",
            "--crop", "64", "--workers", "0", "--iters", "2", "--out", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers on SIGTERM (they run in their own sessions)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        raise AssertionError("torchrun did not finish in 300 s:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-6000:]
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["iter"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
