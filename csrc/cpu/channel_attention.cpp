@@ -11,7 +11,6 @@
 // exact bfloat16 products and float32 sums (bf16_gram.h, AVX512-BF16), out = A X
 // and the backward's dX products through oneDNN.
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
