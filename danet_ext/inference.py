@@ -188,7 +188,10 @@ class InferenceModel(nn.Module):
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, autocast: bool,
                  folded: int, compiled: bool = False, split: int = 0):
         super().__init__()
-        self.model = torch.compile(model) if compiled else model
+        self.model = model
+        # torch.compile's wrapper of the same module, kept out of the module tree so that the
+        # parameters are registered once (the state_dict keys do not change with `compiled`)
+        self.__dict__["_compiled_model"] = torch.compile(model) if compiled else None
         self.dtype = dtype
         self.device = device
         self.autocast = autocast
@@ -197,17 +200,22 @@ class InferenceModel(nn.Module):
         self.compiled = compiled
 
     @torch.inference_mode()
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor, eager: bool = False):
+        """`eager=True` skips torch.compile for this call: every new input size compiles
+        the graph afresh (about 10 s for DANet-ResNet-101 on 2 cores), which only pays off
+        for sizes that come again, such as full sliding windows; `predict` runs the rest
+        (whole images smaller than the window) eagerly."""
         x = x.to(self.device, non_blocking=True)
         x = x.to(dtype=torch.float32 if self.autocast else self.dtype, memory_format=torch.channels_last)
+        compiled = self.compiled and not eager
         with contextlib.ExitStack() as stack:
-            if self.compiled:  # weights become constants of the compiled graph (inductor's freezing)
+            if compiled:  # weights become constants of the compiled graph (inductor's freezing)
                 import torch._inductor.config as inductor_config
 
                 stack.enter_context(inductor_config.patch(freezing=True))
             if self.autocast:
                 stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
-            out = self.model(x)
+            out = (self._compiled_model if compiled else self.model)(x)
         if isinstance(out, (tuple, list)):
             return type(out)(o.float().contiguous() for o in out)
         return out.float().contiguous()
@@ -242,7 +250,8 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
         compile: run through torch.compile (inductor, freezing). It pays off for many
             images of one size: measured on a 2-core AMD EPYC (AVX512-BF16) on 2026-11-30,
             DANet-ResNet-101 in bfloat16 at 512x1024 took 3.14 s a forward instead of 3.46 s,
-            after a first call of 13.9 s; each new input size compiles again. Off by default.
+            after a first call of 13.9 s; each new input size compiles again (forward(x,
+            eager=True) runs a one-off size without it). Off by default.
     Returns:
         an InferenceModel whose forward takes images and returns float32 outputs.
     """

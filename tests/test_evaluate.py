@@ -90,6 +90,35 @@ def test_evaluate_compiled_reports_what_eager_does(tmp_path, setup):
     assert abs(compiled["pixel_accuracy"] - eager["pixel_accuracy"]) < 0.002
 
 
+def test_compiled_model_runs_only_full_windows_compiled(tmp_path, setup):
+    """A compiled model compiles once per input size (~10 s for DANet-101), so predict()
+    sends only full windows, a size that comes again, through the compiled graph; images
+    smaller than the window (whose sizes rarely repeat in a dataset) run eagerly. Both
+    give what the eager model gives."""
+    from danet_ext import optimize_for_inference
+    from danet_ext.tools.segment import predict
+
+    model, _ = setup
+    eager = optimize_for_inference(model, precision="float32")
+    fast = optimize_for_inference(model, precision="float32", compile=True)
+    compiled = fast.__dict__["_compiled_model"]
+    shapes = []
+
+    def spy(x):
+        shapes.append(tuple(x.shape))
+        return compiled(x)
+
+    fast.__dict__["_compiled_model"] = spy
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.rand(3, 24, 30, generator=g), torch.rand(3, 50, 40, generator=g)
+    torch.testing.assert_close(predict(fast, small, window=32, flip=True, normalize=False),
+                               predict(eager, small, window=32, flip=True, normalize=False), rtol=1e-4, atol=1e-5)
+    assert shapes == []  # 24 x 30 < the window: eager
+    torch.testing.assert_close(predict(fast, large, window=32, batch=3, normalize=False),
+                               predict(eager, large, window=32, batch=3, normalize=False), rtol=1e-4, atol=1e-5)
+    assert shapes == [(3, 3, 32, 32), (1, 3, 32, 32)]  # 2 x 2 full windows, in batches of 3
+
+
 def test_evaluate_rejects_labels_outside_the_classes(tmp_path, setup):
     _, ckpt = setup
     data = tmp_path / "voc"

@@ -1,6 +1,7 @@
 """`danet-ext segment`: run a trained model on an image file and write a colour overlay."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -199,7 +200,9 @@ def predict(model: nn.Module, image: torch.Tensor, window: int = 512, flip: bool
     each window's probabilities are weighted by `window_weights` (a ramp over the
     overlap) and the weighted sum is normalised, so window borders leave no seam.
     Windows (all of one size) run `batch` at a time. `flip` averages with the
-    mirrored image."""
+    mirrored image. A compiled InferenceModel runs only full windows (window x
+    window, a size that comes again) through its compiled graph and smaller images
+    eagerly, so that a dataset of many image sizes does not compile once per size."""
     if window < MIN_WINDOW:
         raise ValueError(f"--window must be at least {MIN_WINDOW}, got {window}")
     x = image.unsqueeze(0)
@@ -210,10 +213,13 @@ def predict(model: nn.Module, image: torch.Tensor, window: int = 512, flip: bool
     H, W = x.shape[2:]
 
     def run(tile):
-        out = model(tile)
+        forward = model
+        if getattr(model, "compiled", False) and tuple(tile.shape[2:]) != (window, window):
+            forward = functools.partial(model, eager=True)
+        out = forward(tile)
         probs = (out[0] if isinstance(out, (tuple, list)) else out).softmax(1)
         if flip:
-            out_f = model(tile.flip(-1))
+            out_f = forward(tile.flip(-1))
             probs = (probs + (out_f[0] if isinstance(out_f, (tuple, list)) else out_f).softmax(1).flip(-1)) / 2
         return probs
 
@@ -347,7 +353,7 @@ def prepare(model: nn.Module, precision: str, verbose: bool = False, compile: bo
     if verbose:
         print(f"inference: {str(fast.dtype).replace('torch.', '')}, channels_last, "
               f"{fast.folded_batch_norms} BatchNorms folded, {fast.split_convolutions} convolutions split"
-              f"{', compiled (each new input size compiles first)' if compile else ''}, on {fast.device}",
+              f"{', compiled (full windows; each batch size compiles first)' if compile else ''}, on {fast.device}",
               flush=True)
     return fast
 
