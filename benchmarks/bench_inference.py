@@ -14,6 +14,11 @@ Paths (each in a fresh process, so times and peak memory do not mix):
   openvino-sdpa            OpenVINO (CPU, default hints), converted from danet_ext's export form
   openvino-reference       OpenVINO, the official attention
 
+--device cuda (a GPU machine; `make gpu-suite` runs it) takes the GPU paths instead: eager-float32,
+optimized-float32, optimized-float16 (autocast), optimized-bfloat16 (autocast), optimized-float16-refattn
+and optimized-float16-compiled; ONNX Runtime and OpenVINO are CPU runtimes here and are left out.
+Memory on the GPU is torch.cuda's peak allocation above the level before the forwards.
+
 Time: the median of --repeats forwards after one warm-up (the warm-up's own time, which
 includes compilation for the compiled path, is reported too). Memory: the peak resident
 set during the forwards above the one before them (sampled every 2 ms), so it includes
@@ -36,6 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ["eager-float32", "optimized-float32", "optimized-float32-compiled", "optimized-bfloat16",
          "optimized-bfloat16-refattn", "optimized-bfloat16-compiled",
          "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
+CUDA_PATHS = ["eager-float32", "optimized-float32", "optimized-float16", "optimized-bfloat16",
+              "optimized-float16-refattn", "optimized-float16-compiled"]
 
 
 def build_model(backend="auto"):
@@ -60,14 +67,14 @@ def export_onnx(backend: str, size, path: str) -> None:
             torch.onnx.export(model, (x,), path, dynamo=True, opset_version=23, verbose=False)
 
 
-def runner(path: str, size, onnx_file: str):
+def runner(path: str, size, onnx_file: str, device: str = "cpu"):
     """A callable running one forward on a fixed input, for the given path."""
     h, w = size
-    x = torch.randn(1, 3, h, w)
+    x = torch.randn(1, 3, h, w, device=device)
     if path.startswith("eager") or path.startswith("optimized"):
         from danet_ext import optimize_for_inference
 
-        model = build_model("reference" if path.endswith("refattn") else "auto")
+        model = build_model("reference" if path.endswith("refattn") else "auto").to(device)
         if path.startswith("optimized"):
             model = optimize_for_inference(model, precision=path.split("-")[1], keep_memory=True)  # as the CLI
         if path.endswith("compiled"):
@@ -78,7 +85,10 @@ def runner(path: str, size, onnx_file: str):
 
         def run():
             with torch.inference_mode():
-                return model(x)
+                out = model(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
         return run
     if path.startswith("onnxruntime"):
         import onnxruntime as ort
@@ -98,13 +108,13 @@ def runner(path: str, size, onnx_file: str):
     raise ValueError(path)
 
 
-def child(path: str, size_text: str, repeats: int, onnx_file: str) -> None:
+def child(path: str, size_text: str, repeats: int, onnx_file: str, device: str = "cpu") -> None:
     size = tuple(map(int, size_text.split("x")))
-    run = runner(path, size, onnx_file)
+    run = runner(path, size, onnx_file, device)
     import gc
 
     gc.collect()
-    sampler = RssSampler()
+    sampler = CudaPeak() if device == "cuda" else RssSampler()
     times = []
     first = None
     for i in range(repeats + 1):
@@ -115,7 +125,7 @@ def child(path: str, size_text: str, repeats: int, onnx_file: str) -> None:
         else:
             first = time.perf_counter() - start
     peak = sampler.stop()
-    out = torch.as_tensor(out)
+    out = torch.as_tensor(out[0] if isinstance(out, (tuple, list)) else out).cpu()
     print(json.dumps({"path": path, "size": size_text, "seconds": round(statistics.median(times), 3),
                       "first_call_seconds": round(first, 2),
                       "peak_extra_gib": round(peak / 2 ** 30, 2), "finite": bool(torch.isfinite(out).all()),
@@ -150,10 +160,33 @@ class RssSampler:
         return max(self.peak, _rss()) - self.base
 
 
-def available(path: str) -> str:
+class CudaPeak:
+    """Peak GPU memory allocated by torch above the level at start."""
+
+    def __init__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def stop(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.base
+
+
+def available(path: str, device: str = "cpu") -> str:
     """'' if the path can run here, else why not."""
     from danet_ext import hardware
 
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if path not in CUDA_PATHS:
+            return "a CPU path"
+        if path.startswith("optimized-bfloat16") and not torch.cuda.is_bf16_supported():
+            return "this GPU has no bfloat16"
+        return ""
+    if path not in PATHS:
+        return "a GPU path"
     if path.startswith("optimized-bfloat16"):
         return "" if hardware.has_fast_bfloat16() else "no bfloat16 hardware on this CPU"
     for prefix, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
@@ -168,15 +201,21 @@ def available(path: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["512x1024"])
-    p.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--paths", nargs="+", default=None, choices=sorted(set(PATHS + CUDA_PATHS)),
+                   help="default: every path of the device")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu.json"))
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="default: benchmarks/results/inference_DEVICE.json")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--export", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), args.child[3])
+        child(args.child[0], args.child[1], int(args.child[2]), args.child[3], args.child[4])
         return
+    if args.paths is None:
+        args.paths = CUDA_PATHS if args.device == "cuda" else PATHS
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", f"inference_{args.device}.json")
     if args.export:
         export_onnx(args.export[0], tuple(map(int, args.export[1].split("x"))), args.export[2])
         return
@@ -185,17 +224,20 @@ def main(argv=None):
     # --out names the JSON file; a folder gets inference_cpu.json inside it. Checked before the
     # runs (which take many minutes), so that a bad path cannot lose them at the end.
     if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):
-        args.out = os.path.join(args.out, "inference_cpu.json")
+        args.out = os.path.join(args.out, f"inference_{args.device}.json")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     open(args.out, "a").close()
     machine = dict(hardware.describe_cpu(), torch=torch.__version__)
+    if args.device == "cuda" and torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
+        machine["cuda"] = torch.version.cuda
     print("machine:", json.dumps(machine), flush=True)
     rows = []
     tmp = tempfile.mkdtemp(prefix="danet-bench-")
     for size in args.sizes:
         exported = {}
         for path in args.paths:
-            why = available(path)
+            why = available(path, args.device)
             if why:
                 rows.append({"path": path, "size": size, "skipped": why})
                 print(json.dumps(rows[-1]), flush=True)
@@ -218,8 +260,8 @@ def main(argv=None):
                     rows.append({"path": path, "size": size, "failed": exported[form]})
                     print(json.dumps(rows[-1]), flush=True)
                     continue
-            res = subprocess.run([sys.executable, __file__, "--child", path, size, str(args.repeats), onnx_file],
-                                 capture_output=True, text=True)
+            res = subprocess.run([sys.executable, __file__, "--child", path, size, str(args.repeats), onnx_file,
+                                  args.device], capture_output=True, text=True)
             if res.returncode != 0:
                 row = {"path": path, "size": size, "failed": "killed (out of memory)" if res.returncode == -9
                        else (res.stderr.strip().splitlines() or ["?"])[-1][:300]}

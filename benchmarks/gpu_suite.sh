@@ -10,7 +10,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [STAGE ...]
 #
-# STAGE: check, tests, sanitize, bench (default: all four, in that order). The
+# STAGE: check, tests, sanitize, bench, inference (default: all five, in that
+# order; inference is the full DANet-ResNet-101 forward, bench_inference.py). The
 # build runs first every time (ninja makes it a no-op when nothing changed), so
 # a session whose commands are limited in time can run the stages in separate
 # calls on the same machine; the summary accumulates across calls.
@@ -20,7 +21,7 @@ PY=${PYTHON:-python3}
 DIR=${GPU_SUITE_OUT:-gpu-out}
 mkdir -p "$DIR"
 SUMMARY="$DIR/summary.txt"
-STAGES=" ${*:-check tests sanitize bench} "
+STAGES=" ${*:-check tests sanitize bench inference} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 echo "=== gpu suite, stages:$STAGES($(date -u +%FT%TZ))" >> "$SUMMARY"
 status=0
@@ -71,6 +72,14 @@ if want bench; then
     step bench_cam_$dtype $PY benchmarks/bench_channel_attention.py --device cuda --dtype $dtype --out "$DIR" --repeats 10
   done
   grep -h "^target:\|^position_attention\|^channel_attention" "$DIR"/bench_*.log >> "$SUMMARY" 2>/dev/null
+fi
+if want inference; then
+  # the main job on the GPU: eager float32 against optimize_for_inference's float16/bfloat16
+  # autocast, and the official attention (N x N) in float16; torch.compile is left out for time
+  step inference $PY benchmarks/bench_inference.py --device cuda --sizes 512x1024 1024x2048 --repeats 5 \
+    --paths eager-float32 optimized-float16 optimized-bfloat16 optimized-float16-refattn \
+    --out "$DIR/inference_cuda.json"
+  grep -h '"seconds"' "$DIR/inference.log" >> "$SUMMARY" 2>/dev/null
 fi
 
 if [ -n "${OUT:-}" ]; then

@@ -45,15 +45,6 @@ def op_table(path, impls):
     return "\n".join(lines), data["machine"]
 
 
-def full_table(path):
-    data = json.load(open(path))
-    lines = ["| image | attention backend | time (s) | peak extra memory (GiB) |", "|---|---|---|---|"]
-    for r in data["results"]:
-        mem = f"{r['peak_extra_bytes'] / 2**30:.2f}" if r.get("peak_extra_bytes") else r.get("error", "-")
-        lines.append(f"| {r['size']} | {r['backend']} | {r['seconds']} | {mem} |")
-    return "\n".join(lines)
-
-
 def inference_table(path):
     """bench_inference.py's results: one row per path and size."""
     data = json.load(open(path))
@@ -89,9 +80,6 @@ def main():
     if os.path.exists(inference):
         table, machine = inference_table(inference)
         print(f"### full DANet-ResNet-101 inference ({args.device}) on {describe(machine)}\n\n{table}\n")
-    full = os.path.join(args.results, f"full_resolution_{args.device}.json")
-    if os.path.exists(full):
-        print(f"### full resolution ({args.device})\n\n{full_table(full)}\n")
 
 
 if __name__ == "__main__":
