@@ -29,3 +29,22 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert scope["labels"].shape == (1, 256, 512)
     assert scope["loss"].isfinite()
     assert "num_classes=19" in capsys.readouterr().out
+
+
+def test_benchmark_tables_are_the_recorded_results():
+    """Every table row that benchmarks/results_to_markdown.py prints from the recorded
+    results (CPU, float32 and bfloat16) stands in the README as printed, so the numbers
+    there are the measured ones."""
+    import subprocess
+    import sys
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    script = os.path.join(ROOT, "benchmarks", "results_to_markdown.py")
+    for dtype in ("float32", "bfloat16"):
+        printed = subprocess.run([sys.executable, script, "--dtype", dtype], capture_output=True, text=True,
+                                 check=True).stdout
+        rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| mode")
+                and not line.startswith("| image")]
+        assert len(rows) >= 20, printed
+        missing = [row for row in rows if row not in readme]
+        assert not missing, f"README rows differ from benchmarks/results ({dtype}): {missing[:3]}"
