@@ -44,5 +44,9 @@ TORCH_LIBRARY(danet_ext, m) {
   // accumulate dtype, saved for backward.
   m.def("channel_attention_forward(Tensor x) -> (Tensor out, Tensor attention)");
   m.def("channel_attention_backward(Tensor grad_out, Tensor x, Tensor attention) -> Tensor grad_x");
+  // 3 x 3 convolution (stride 1, padding = dilation) by Winograd's F(4x4, 3x3),
+  // float32 on the CPU, for inference (danet_ext/winograd.py). weight: the
+  // transformed filters (36, C_in, C_out); returns (B, C_out, H, W), channels_last.
+  m.def("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int dilation) -> Tensor");
   m.def("build_info() -> str", &danet::build_info);
 }

@@ -91,13 +91,14 @@ def trained_tiny_model():
     return model.eval()
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "float32"])  # float32: Winograd convolutions
 def test_reduced_precision_keeps_the_predictions(trained_tiny_model, precision):
     test_x, test_y = make_batch(32, 64, torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = trained_tiny_model(test_x)[0].argmax(1)
     fast = optimize_for_inference(trained_tiny_model, precision=precision)
     assert fast.dtype == getattr(torch, precision)
+    assert (fast.winograd_convolutions > 0) == (precision == "float32")
     pred = fast(test_x)[0].argmax(1)
     k = len(CLASSES)
     miou_ref = mean_iou(confusion_matrix(ref, test_y, k))
@@ -170,7 +171,7 @@ def test_inference_danet_splits_conv5_and_returns_contiguous_float32_logits(monk
         model(x)
         assert calls == [], "eval without aux computed an auxiliary classifier"
     monkeypatch.setattr(inference, "SPLIT_CONV_WEIGHT_BYTES", 2048 * 512 * 9 * 4 // 2)
-    fast = optimize_for_inference(model, precision="float32")
+    fast = optimize_for_inference(model, precision="float32", winograd=False)  # else conv5a/c run Winograd
     assert fast.split_convolutions == 2
     assert isinstance(fast.model.head.conv5a[0], inference.SplitConv2d)
     assert isinstance(fast.model.head.conv5c[0], inference.SplitConv2d)

@@ -1,0 +1,99 @@
+"""3 x 3 convolutions by Winograd's F(4x4, 3x3) for float32 CPU inference.
+
+A 3 x 3 convolution with stride 1 and padding equal to its dilation (every 3 x 3
+convolution of DANet's dilated ResNet and head but the stem's first) takes 36
+multiplications per 4 x 4 outputs and channel pair instead of 144: the 36 products
+run as GEMMs over the channels, and the transforms around them are cheap. On
+DANet-ResNet-101 these convolutions are about 70 % of the float32 work.
+optimize_for_inference swaps them in on the CPU in float32 (the kernel:
+csrc/cpu/winograd_conv.cpp). The sums are reassociated: the outputs differ from
+the direct convolution's by about 1e-5 of their magnitude (the direct one's own
+float32 error is about 3e-7), and the accuracy guard of the inference tests covers
+it. bfloat16 keeps the direct convolution, whose error Winograd's transforms
+would multiply.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ._build import HAVE_EXTENSION
+
+# F(4x4, 3x3) with the points 0, 1, -1, 2, -2 and infinity (Lavin and Gray, 2016)
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+
+
+def transform_filters(weight: Tensor) -> Tensor:
+    """(C_out, C_in, 3, 3) filters -> (36, C_in, C_out) float32: G g Gᵀ for every channel
+    pair, its 6 x 6 points in row-major order (computed in float64)."""
+    if weight.dim() != 4 or weight.shape[2:] != (3, 3):
+        raise ValueError(f"danet_ext: winograd filters must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
+    u = torch.einsum("ai,ocij,bj->abco", _G, weight.detach().to(torch.float64), _G)
+    return u.reshape(36, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+
+
+def winograd_conv3x3(x: Tensor, filters: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
+    """The convolution with transformed `filters` (transform_filters), stride 1,
+    padding = dilation; float32 CPU tensors. Returns channels_last."""
+    return torch.ops.danet_ext.winograd_conv3x3(x, filters, bias, dilation)
+
+
+if HAVE_EXTENSION:
+    @torch.library.register_fake("danet_ext::winograd_conv3x3")
+    def _(x, filters, bias, dilation):
+        torch._check(x.dim() == 4 and filters.dim() == 3 and filters.shape[1] == x.shape[1])
+        return x.new_empty((x.shape[0], filters.shape[2], x.shape[2], x.shape[3])).contiguous(
+            memory_format=torch.channels_last)
+
+
+def supports(conv: nn.Module) -> bool:
+    """Whether `conv` is a convolution this kernel computes: a plain Conv2d, 3 x 3,
+    stride 1, padding = dilation (the same in both dimensions), one group, zero padding,
+    float32 weights on the CPU."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros" and conv.dilation[0] == conv.dilation[1]
+            and conv.padding == conv.dilation and conv.weight.dtype == torch.float32
+            and conv.weight.device.type == "cpu")
+
+
+class WinogradConv2d(nn.Module):
+    """A Conv2d (see `supports`) computed by Winograd's F(4x4, 3x3), for inference.
+    Holds the transformed filters (4x the 3 x 3 weights) and not the original ones."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not supports(conv):
+            raise ValueError(f"danet_ext: WinogradConv2d takes a float32 CPU Conv2d, 3 x 3, stride 1, padding = "
+                             f"dilation, one group; got {conv}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.dilation = conv.dilation[0]
+        self.register_buffer("filters", transform_filters(conv.weight))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"danet_ext: WinogradConv2d expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"danet_ext: WinogradConv2d runs float32 CPU tensors, got {x.dtype} on {x.device}")
+        return winograd_conv3x3(x, self.filters, self.bias, self.dilation)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), dilation={self.dilation}, F(4x4, 3x3)"
+
+
+def use_winograd(model: nn.Module) -> int:
+    """Replace, in place, every Conv2d that `supports` accepts by a WinogradConv2d;
+    returns how many. For float32 CPU inference (no gradients flow to the filters)."""
+    if not HAVE_EXTENSION:
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if supports(child):
+                setattr(parent, name, WinogradConv2d(child))
+                swapped += 1
+    return swapped

@@ -1,0 +1,111 @@
+"""Winograd F(4x4, 3x3) convolutions (csrc/cpu/winograd_conv.cpp, danet_ext/winograd.py):
+the outputs of the direct convolution within Winograd's own float32 error, for odd
+sizes, dilations up to beyond the image, partial tiles, channel counts that are not
+multiples of the kernel's channel block, batches, with and without bias, on 1 to 3
+threads; bad arguments rejected; the op's fake kernel; optimize_for_inference's swap."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import danet_ext
+from danet_ext.winograd import WinogradConv2d, supports, transform_filters, use_winograd
+
+pytestmark = pytest.mark.skipif(not danet_ext.HAVE_EXTENSION, reason="the compiled extension is not built")
+
+
+def relative_error(got, expected):
+    return ((got.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("c_in,c_out,h,w,dilation", [
+    (3, 5, 7, 9, 1), (3, 5, 7, 9, 2), (8, 4, 13, 17, 3), (8, 4, 1, 1, 1), (8, 4, 2, 3, 5),
+    (70, 65, 9, 11, 2), (16, 16, 20, 20, 16), (129, 64, 12, 8, 4), (64, 129, 5, 21, 1)])
+def test_matches_the_direct_convolution(threads, c_in, c_out, h, w, dilation):
+    torch.manual_seed(c_in * 100 + h)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, bias in ((1, True), (2, False)):
+            conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=bias)
+            x = torch.randn(batch, c_in, h, w)
+            expected = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                                padding=dilation, dilation=dilation)
+            with torch.no_grad():
+                got = WinogradConv2d(conv)(x)
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            # F(4x4, 3x3) in float32: ~1e-5 of the outputs' magnitude at these channel
+            # counts (the direct convolution: ~3e-7); a wrong tile or index gives O(1)
+            assert relative_error(got, expected) < 5e-5
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_chunks_of_tiles_and_nchw_input():
+    """More tiles than one chunk holds (C = 600: 2^25 / (36 * 4 * 600) = 388 tiles a
+    chunk; 72 x 100 at dilation 1 is 450 tiles), and an NCHW input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(600, 8, 3, padding=1)
+    x = torch.randn(1, 600, 72, 100)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        got = WinogradConv2d(conv)(x)
+    assert relative_error(got, expected) < 5e-5
+
+
+def test_filter_transform_is_exact_for_a_delta():
+    """G g Gᵀ of a centre delta is the outer product of G's middle column."""
+    g = torch.zeros(1, 1, 3, 3)
+    g[0, 0, 1, 1] = 1
+    col = torch.tensor([0, -1 / 6, 1 / 6, 1 / 12, -1 / 12, 0], dtype=torch.float64)
+    torch.testing.assert_close(transform_filters(g).view(6, 6), torch.outer(col, col).float())
+
+
+def test_rejects_what_it_cannot_compute():
+    op = torch.ops.danet_ext.winograd_conv3x3
+    x = torch.randn(1, 4, 8, 8)
+    u = transform_filters(torch.randn(5, 4, 3, 3))
+    with pytest.raises(RuntimeError, match="input must be float32"):
+        op(x.double(), u, None, 1)
+    with pytest.raises(RuntimeError, match=r"weight must be the transformed filters \(36, C_in = 3"):
+        op(torch.randn(1, 3, 8, 8), u, None, 1)
+    with pytest.raises(RuntimeError, match="bias must be float32 of shape"):
+        op(x, u, torch.zeros(4), 1)
+    with pytest.raises(RuntimeError, match="dilation must be >= 1"):
+        op(x, u, None, 0)
+    with pytest.raises(RuntimeError, match=r"input must be \(B, C, H, W\)"):
+        op(x[0], u, None, 1)
+    with pytest.raises(ValueError, match="expects"):
+        WinogradConv2d(nn.Conv2d(4, 5, 3, padding=1))(torch.randn(1, 3, 8, 8))
+    for conv in (nn.Conv2d(4, 5, 3, padding=1, stride=2), nn.Conv2d(4, 5, 3, padding=0),
+                 nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Conv2d(4, 5, 1), nn.Conv2d(4, 5, 3, padding=1).double(),
+                 nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 5, 3, padding=(1, 2),
+                                                                              dilation=(1, 2))):
+        assert not supports(conv)
+        with pytest.raises(ValueError, match="WinogradConv2d takes"):
+            WinogradConv2d(conv)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(2, 6, 7, 9)
+    u = transform_filters(torch.randn(5, 6, 3, 3))
+    torch.library.opcheck(torch.ops.danet_ext.winograd_conv3x3.default, (x, u, torch.randn(5), 2))
+    conv = WinogradConv2d(nn.Conv2d(6, 5, 3, padding=2, dilation=2))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(conv, fullgraph=True)(x), conv(x))
+
+
+def test_optimize_for_inference_swaps_the_stride_one_3x3_convolutions():
+    torch.manual_seed(0)
+    model = danet_ext.DANet(3, backbone="resnet50", aux=False).eval()
+    expected_swaps = sum(supports(m) for m in model.modules())
+    fast = danet_ext.optimize_for_inference(model, precision="float32")
+    assert fast.winograd_convolutions == expected_swaps > 10
+    assert isinstance(fast.model.head.conv5a[0], WinogradConv2d)
+    assert danet_ext.optimize_for_inference(model, precision="float32", winograd=False).winograd_convolutions == 0
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-3, atol=1e-3)
+    assert use_winograd(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1).bfloat16())) == 0
