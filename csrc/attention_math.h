@@ -62,7 +62,23 @@ DANET_HOST_DEVICE acc_t online_sum(acc_t l_old, acc_t rescale, acc_t tile_sum) {
 // and the old accumulator by this factor: exp(m_old - m_new) * l_old / l_new.
 template <typename acc_t>
 DANET_HOST_DEVICE acc_t normalised_rescale(acc_t rescale, acc_t l_old, acc_t l_new) {
-  return rescale * l_old / l_new;
+  return l_new == acc_t(0) ? acc_t(0) : rescale * l_old / l_new;
+}
+
+// 1 / l_new for those kernels' new tile, or 0 while every score of the row so far
+// is -inf (l_new = 0): its probabilities so far are 0 and must stay 0, where 0 * inf
+// would make them NaN and spoil the rest of the row (a later finite score gives
+// the reference a finite result).
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t inverse_sum(acc_t l_new) {
+  return l_new == acc_t(0) ? acc_t(0) : acc_t(1) / l_new;
+}
+
+// A finished row whose scores were all -inf (l = 0) has no softmax: the reference
+// gives NaN there, and so do the kernels, which add this to each output.
+template <typename acc_t>
+DANET_HOST_DEVICE acc_t empty_row_output(acc_t l) {
+  return l == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
 }
 
 // Each finished row saves two statistics for the backward pass: its maximum m

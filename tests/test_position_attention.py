@@ -486,3 +486,30 @@ def test_torch_compile_fullgraph_in_bfloat16():
     pam, cam = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, x)
     torch.testing.assert_close(pam, danet_ext.position_attention(q, k, v) * 2)
     torch.testing.assert_close(cam, danet_ext.channel_attention(x) * 2)
+
+
+@pytest.mark.parametrize("dtype,N,path", [(torch.float64, 1100, None), (torch.float32, 1100, None),
+                                          (torch.float32, 300, None)]
+                         + [(torch.bfloat16, 4225, p) for p in CPU_BF16_PATHS])
+def test_cpu_keys_at_minus_infinity(monkeypatch, dtype, N, path):
+    """Scores of -inf over a whole leading key tile (256 keys in float32/float64 past 1024
+    keys, 4096 on the bfloat16 path) leave the softmax over the other keys, as in the
+    reference, not NaN (the tile's 1 / sum was inf, and 0 * inf spoilt the row); a query
+    whose scores are all -inf gives NaN, as the reference's softmax does."""
+    if path is not None:
+        set_cpu_bf16_path(monkeypatch, path)
+    g = torch.Generator().manual_seed(0)
+    # score(i, j) = q0_i k0_j + q1_i k1_j with q0 = 1, q1 = 0: k0_j, -inf for the leading keys;
+    # query 7 has q1 = -inf against k1 > 0: -inf for every key
+    q = torch.stack([torch.ones(N), torch.zeros(N)]).view(1, 2, 1, N)
+    q[0, 1, 0, 7] = float("-inf")
+    k = torch.rand(1, 2, 1, N, generator=g) + 0.5
+    k[0, 0, 0, :min(4096, N - 10)] = float("-inf")
+    v = torch.randn(1, 3, 1, N, generator=g)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    expected = reference.position_attention(q.double(), k.double(), v.double())
+    got = danet_ext.position_attention(q, k, v, backend="extension")
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double()[finite], expected[finite], rtol=tol, atol=tol)

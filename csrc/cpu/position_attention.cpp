@@ -128,10 +128,20 @@ scalar_t softmax_tile_row_unscaled(scalar_t* row, int64_t n, scalar_t& m, scalar
   const scalar_t tile_sum = exp_row_inplace(row, n, scalar_t(1), exp_offset(m_new));
   const scalar_t l_new = online_sum(l, alpha, tile_sum);
   const scalar_t rescale = normalised_rescale(alpha, l, l_new);
-  *normaliser = scalar_t(1) / l_new;
+  *normaliser = inverse_sum(l_new);
   l = l_new;
   m = m_new;
   return rescale;
+}
+
+// Queries whose scores were all -inf get NaN outputs, as in the reference (their
+// accumulators hold 0). out: the output at the block's first query, row stride N.
+template <typename acc_t, typename out_t>
+void mark_empty_rows(const acc_t* row_l, int64_t bq, int64_t C, int64_t N, out_t* out) {
+  for (int64_t i = 0; i < bq; ++i) {
+    if (row_l[i] != acc_t(0)) continue;
+    for (int64_t c = 0; c < C; ++c) out[c * N + i] = static_cast<out_t>(empty_row_output(row_l[i]));
+  }
 }
 
 template <typename scalar_t>
@@ -183,6 +193,7 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
       scalar_t* ob = out + b * C * N + i0;
       for (int64_t c = 0; c < C; ++c)
         std::copy_n(acc.data() + c * block_q, bq, ob + c * N);
+      mark_empty_rows(row_l.data(), bq, C, N, ob);
       for (int64_t i = 0; i < bq; ++i) {
         stats[(b * 2 + 0) * N + i0 + i] = row_m[i];
         stats[(b * 2 + 1) * N + i0 + i] = scalar_t(1) / row_l[i];
@@ -248,6 +259,7 @@ void forward_kernel_16(const ScoreSource& scores_of, const T16* v, T16* out, flo
           for (int64_t i = 0; i < bq; ++i)
             ob[c * N + i] = static_cast<T16>(acc[c * block_q + i]);
       }
+      mark_empty_rows(row_l.data(), bq, C, N, ob);
       for (int64_t i = 0; i < bq; ++i) {
         stats[(b * 2 + 0) * N + i0 + i] = row_m[i];
         stats[(b * 2 + 1) * N + i0 + i] = 1.f / row_l[i];

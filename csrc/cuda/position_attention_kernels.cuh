@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
       // The accumulator holds the normalised output so far (weights summing to
       // 1), so it stays within max |v| and cannot overflow where the result fits.
       rescale[r] = normalised_rescale(alpha, row_l[r], l_new);
-      const float inv = 1.f / l_new;
+      const float inv = inverse_sum(l_new);
 #pragma unroll
       for (int c = 0; c < kCols; ++c) ps[ty + 16 * r][tx + 16 * c] = s[r][c] * inv;
       row_l[r] = l_new;
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
       const int ch = 2 * part + half;  // channel tx + 16 ch lies in this part
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
-        stage[(tx + 16 * half) * kStageRow + ty + 16 * r] = acc[r][ch];  // already normalised
+        stage[(tx + 16 * half) * kStageRow + ty + 16 * r] = acc[r][ch] + empty_row_output(row_l[r]);  // normalised
     }
     __syncthreads();
     for (int e = tid; e < 32 * kTileQ; e += kThreads) {

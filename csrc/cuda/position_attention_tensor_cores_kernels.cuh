@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
       float scale = alpha;
       if (kNormalised) {
         scale = normalised_rescale(alpha, row_l[h], l_new);
-        const float inv = 1.f / l_new;
+        const float inv = inverse_sum(l_new);
 #pragma unroll
         for (int nt = 0; nt < kScoreTiles; ++nt)
 #pragma unroll
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
   for (int ct = 0; ct < kOutTiles; ++ct)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float val = kNormalised ? o[ct][e] : o[ct][e] * inv_l[e >> 1];
+      const float val = kNormalised ? o[ct][e] + empty_row_output(row_l[e >> 1]) : o[ct][e] * inv_l[e >> 1];
       stage[frag_col(ct, e) * Tr::kPitch + row0 + frag_row(e)] = Tr::store(val);
     }
   __syncthreads();

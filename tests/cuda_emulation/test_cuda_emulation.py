@@ -113,6 +113,30 @@ def test_position_attention_stays_finite_where_the_reference_is(emu, hw):
     torch.testing.assert_close(out / big, expected / big, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda_cores", "tensor_cores"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_position_attention_keys_at_minus_infinity(emu, dtype, tensor_cores):
+    """Scores of -inf over the leading key tiles (32 keys on the CUDA cores, 64 on the
+    tensor cores) leave the softmax over the other keys, as in the reference, not NaN
+    (the tile's 1 / sum was inf, and 0 * inf spoilt the row); a query whose scores are
+    all -inf gives NaN, as the reference's softmax does."""
+    N = 100
+    # score(i, j) = q0_i k0_j + q1_i k1_j with q0 = 1, q1 = 0: k0_j, -inf for the first 70 keys;
+    # query 7 has q1 = -inf against k1 > 0: -inf for every key
+    q = torch.stack([torch.ones(N), torch.zeros(N)]).view(1, 2, 10, 10)
+    q.view(2, N)[1, 7] = float("-inf")
+    k = torch.rand(1, 2, 10, 10, generator=torch.Generator().manual_seed(0)) + 0.5
+    k.view(2, N)[0, :70] = float("-inf")
+    v = torch.randn(1, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    expected = reference.position_attention(q.double(), k.double(), v.double())
+    out, _ = emu.pam_forward(q, k, v, tensor_cores=tensor_cores)
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.double()[finite], expected[finite], rtol=tol, atol=tol)
+
+
 # The tensor-core kernels (mma.sync / ldmatrix), forward and backward: odd N
 # (partial query and key tiles, element-wise staging), N % 8 == 0 (16-byte
 # staging), Cq off the 16-channel step, C off the 128-channel block and past
