@@ -12,6 +12,7 @@ from danet_ext.tools import benchmark as bm
 from danet_ext.tools.cli import main
 from danet_ext.tools.demo import TinyDANet, run_demo
 from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch, mean_iou
+from conftest import save_tiny_checkpoint
 
 
 def run_cli(*args, timeout=300):
@@ -42,7 +43,8 @@ def test_check_passes_on_cpu(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["segment", "--checkpoint", "missing.pt", "--image", "missing.png", "--out", "o.png"], "not found"),
-    (["demo", "--steps", "0"], "--steps must be positive"),
+    (["demo", "--steps", "0"], "--steps must be in [1, 10000000], got 0"),
+    (["demo", "--size", "1024"], "--size must be in [16, 256], got 1024"),
     (["check", "--device", "cuda"] if not torch.cuda.is_available() else ["check", "--dtype", "float64", "--device", "cuda"],
      "cuda"),
 ])
@@ -64,6 +66,7 @@ def segment_files(tmp_path_factory):
     model = TinyDANet(len(CLASSES), width=8)
     torch.save({"config": model.config, "state_dict": model.state_dict(), "classes": CLASSES}, d / "tiny.pt")
     Image.fromarray((make_batch(1, 40)[0][0].permute(1, 2, 0) * 255).byte().numpy()).save(d / "img.png")
+    Image.fromarray((torch.arange(40 * 40).reshape(40, 40) * 40).int().numpy()).convert("I;16").save(d / "deep.png")
     state = model.state_dict()
     odd = {
         "config_list.pt": {"config": [1, 2], "state_dict": state},
@@ -71,6 +74,9 @@ def segment_files(tmp_path_factory):
         "not_tensor.pt": {"state_dict": {"head.conv8.1.weight": 3}},
         "neg_width.pt": {"config": {"arch": "tiny", "num_classes": 4, "width": -3}, "state_dict": state},
         "four.pt": {"config": {"arch": "tiny", "num_classes": "four"}, "state_dict": state},
+        "huge_width.pt": {"config": {"arch": "tiny", "num_classes": 4, "width": 4096}, "state_dict": state},
+        "no_stem.pt": {"config": {"arch": "tiny", "num_classes": 4, "width": 4096},
+                       "state_dict": {k: v for k, v in state.items() if k != "pretrained.0.0.weight"}},
         # a DANet state dict in outline: ResNet-50 blocks, 5 classes
         "danet50.pt": {f"pretrained.layer{i}.{b}.conv1.weight": torch.zeros(1)
                        for i, n in enumerate((3, 4, 6, 3), 1) for b in range(n)}
@@ -90,6 +96,9 @@ SEGMENT_ERRORS = [
     (["--checkpoint", "{d}/not_tensor.pt"], "'head.conv8.1.weight' is a int, not a tensor"),
     (["--checkpoint", "{d}/neg_width.pt"], "config['width'] must be an integer in [1, 4096], got -3"),
     (["--checkpoint", "{d}/four.pt"], "config['num_classes'] must be an integer in [1, 10000], got 'four'"),
+    (["--checkpoint", "{d}/huge_width.pt"],
+     "config['width'] is 4096, but the weights are of width 8 (pretrained.0.0.weight has 8 output channels)"),
+    (["--checkpoint", "{d}/no_stem.pt"], "a TinyDANet checkpoint needs 'pretrained.0.0.weight'"),
     (["--checkpoint", "{d}/notes.txt"], "is not a readable PyTorch checkpoint"),
     (["--checkpoint", "{d}/adir"], "--checkpoint {d}/adir is a directory"),
     (["--num-classes", "1000000000"], "--num-classes must be in [1, 10000]"),
@@ -101,7 +110,9 @@ SEGMENT_ERRORS = [
     (["--out", "{d}/overlay"], "must end in an image extension"),
     (["--out", "{d}/overlay.pt"], "got .pt"),
     (["--image", "{d}/adir"], "--image {d}/adir is a directory"),
-    (["--image", "{d}/notes.txt"], "--image {d}/notes.txt is not an image"),
+    (["--image", "{d}/notes.txt"], "--image {d}/notes.txt: not a readable image"),
+    (["--image", "{d}/deep.png"], "--image {d}/deep.png: mode I;16 (16- or 32-bit greyscale) is not supported"),
+    (["--out", "{d}/adir/../img.png"], "--out {d}/adir/../img.png is the --image file itself"),
     (["--checkpoint", "{d}/danet50.pt", "--backbone", "resnet101"],
      "does not fit backbone resnet101: its keys show backbone resnet50, 5 classes; try --backbone resnet50"),
     (["--checkpoint", "{d}/danet50.pt"], "does not fit DANet(5, backbone=resnet50"),
@@ -126,6 +137,55 @@ def test_segment_input_errors_are_one_line(segment_files, overrides, message):
     if "does not fit DANet" in message:  # whole key names, counted, never cut mid-name
         assert "missing (" in lines[0] and "more)" in lines[0]
     assert not os.path.exists(f"{d}/out/overlay.png")
+
+
+def test_segment_never_writes_over_its_image(segment_files, tmp_path):
+    from danet_ext.tools.segment import segment_file
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes((segment_files / "img.png").read_bytes())
+    (tmp_path / "sub").mkdir()
+    os.symlink(photo, tmp_path / "link.png")
+    for out in (photo, tmp_path / "sub" / ".." / "photo.png", tmp_path / "link.png"):
+        with pytest.raises(ValueError, match="is the --image file itself"):
+            segment_file(str(segment_files / "tiny.pt"), str(photo), str(out))
+    assert photo.read_bytes() == (segment_files / "img.png").read_bytes()
+
+
+def test_segment_turns_phone_photos_upright(tmp_path):
+    """An image whose EXIF orientation says "rotate 90 degrees clockwise" is segmented
+    as a copy of it stored upright is."""
+    from PIL import Image
+
+    from danet_ext.tools.segment import segment_file
+
+    save_tiny_checkpoint(tmp_path / "tiny.pt", num_classes=4)
+    pixels = (make_batch(1, 48)[0][0, :, :, :40].permute(1, 2, 0) * 255).byte().numpy()  # 48 high, 40 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    Image.open(tmp_path / "phone.jpg").transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+    for name in ("phone.jpg", "upright.png"):
+        segment_file(str(tmp_path / "tiny.pt"), str(tmp_path / name), str(tmp_path / f"{name}.out.png"),
+                     precision="float32")
+    phone, upright = (Image.open(tmp_path / f"{n}.out.png") for n in ("phone.jpg", "upright.png"))
+    assert phone.size == upright.size and phone.height >= 40  # the canvas holds the 40 x 48 (w x h) image
+    assert phone.tobytes() == upright.tobytes()
+
+
+def test_evaluate_and_export_report_os_errors_in_one_line(monkeypatch, tmp_path, capsys):
+    from danet_ext.tools import evaluate, export
+
+    def fail(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked.png"))
+
+    monkeypatch.setattr(evaluate, "evaluate_folder", fail)
+    monkeypatch.setattr(export, "export_checkpoint", fail)
+    (tmp_path / "tiny.pt").write_bytes(b"x")
+    for args in (["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "e")],
+                 ["export", "--out", str(tmp_path / "m.onnx")]):
+        assert main([*args, "--checkpoint", str(tmp_path / "tiny.pt")]) == 2
+        assert capsys.readouterr().err == f"danet-ext: error: {tmp_path / 'locked.png'}: Permission denied\n"
 
 
 @pytest.mark.parametrize("command", ["bench", "demo"])
@@ -223,6 +283,7 @@ def test_every_option_has_help_with_its_default():
     bench_help = " ".join(run_cli("bench", "--help").stdout.split())
     assert "(default: bench-out)" in bench_help and "about 3 minutes" in bench_help
     assert "(default: 512)" in " ".join(run_cli("segment", "--help").stdout.split())
+    assert "pixels, 16 to 256 (" in " ".join(run_cli("demo", "--help").stdout.split())
 
 
 def test_synthetic_data_and_miou():

@@ -130,6 +130,138 @@ def test_evaluate_rejects_labels_outside_the_classes(tmp_path, setup):
     assert len(errors) == 1 and "label value 7 is outside [0, 4)" in errors[0], res.stderr
 
 
+def write_cityscapes_folder(root, count=2, size=40):
+    from PIL import Image
+
+    images, labels = make_batch(count, size, torch.Generator().manual_seed(3))
+    os.makedirs(root / "leftImg8bit" / "val" / "aachen")
+    os.makedirs(root / "gtFine" / "val" / "aachen")
+    for i in range(count):
+        Image.fromarray((images[i].permute(1, 2, 0) * 255).round().byte().numpy()).save(
+            root / "leftImg8bit" / "val" / "aachen" / f"aachen_{i}_leftImg8bit.png")
+        Image.fromarray(labels[i].byte().numpy(), mode="L").save(
+            root / "gtFine" / "val" / "aachen" / f"aachen_{i}_gtFine_labelTrainIds.png")
+    return labels
+
+
+def evaluate_errors(res):
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    return [line for line in res.stderr.splitlines() if line.startswith("danet-ext: error")]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16", "LA", "1"])
+def test_label_images_must_hold_8bit_indices(tmp_path, mode):
+    from PIL import Image
+
+    from danet_ext.tools.datasets import FolderSegmentation
+
+    write_voc_folder(tmp_path, count=1, size=40)
+    label = tmp_path / "SegmentationClass" / "img0.png"
+    Image.open(label).convert(mode).save(label)
+    with pytest.raises(ValueError, match=f"img0.png: .*got mode {mode}$"):
+        FolderSegmentation(str(tmp_path), "voc", "val")[0]
+
+
+def test_palette_labels_read_as_their_indices(tmp_path):
+    from PIL import Image
+
+    from danet_ext.tools.datasets import FolderSegmentation
+
+    write_voc_folder(tmp_path, count=1, size=40)
+    label = tmp_path / "SegmentationClass" / "img0.png"
+    before = FolderSegmentation(str(tmp_path), "voc", "val")[0][1]
+    Image.open(label).convert("P").save(label)  # an index image with a palette, as VOC's
+    assert Image.open(label).mode == "P"
+    assert torch.equal(FolderSegmentation(str(tmp_path), "voc", "val")[0][1], before)
+
+
+@pytest.mark.parametrize("which", ["image", "label"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_images_name_the_file(tmp_path, setup, which, damage):
+    from danet_ext.tools.datasets import FolderSegmentation
+
+    write_voc_folder(tmp_path / "voc", count=1, size=40)
+    path = tmp_path / "voc" / ("JPEGImages/img0.jpg" if which == "image" else "SegmentationClass/img0.png")
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not an image\n" * 10)
+    with pytest.raises(ValueError, match="img0.*: not a readable image"):
+        FolderSegmentation(str(tmp_path / "voc"), "voc", "val")[0]
+    if which == "image" and damage == "truncated":  # and in one line from the command
+        _, ckpt = setup
+        res = run_cli("evaluate", "--checkpoint", str(ckpt), "--data", str(tmp_path / "voc"),
+                      "--out", str(tmp_path / "e"))
+        errors = evaluate_errors(res)
+        assert len(errors) == 1 and f"{path}: not a readable image" in errors[0], res.stderr
+
+
+def test_images_are_turned_upright_by_their_exif_orientation(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from danet_ext.tools.datasets import read_image
+
+    pixels = (torch.rand(30, 50, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned, show the image rotated 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    stored = Image.open(path).convert("RGB")  # the pixels as stored, 50 wide and 30 high
+    upright = torch.from_numpy(np.asarray(stored.transpose(Image.Transpose.ROTATE_270)).copy())
+    image = read_image(str(path))
+    assert image.shape == (3, 50, 30)
+    assert torch.equal((image * 255).round().byte().permute(1, 2, 0), upright)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_refused(tmp_path, mode):
+    from PIL import Image
+
+    from danet_ext.tools.datasets import read_image
+
+    path = tmp_path / "deep.tif"
+    Image.fromarray((torch.arange(40 * 40).reshape(40, 40) * 40).int().numpy()).convert(mode).save(path)
+    assert Image.open(path).mode == mode
+    with pytest.raises(ValueError, match=f"deep.tif: mode {mode} .*8-bit RGB, greyscale or palette"):
+        read_image(str(path))
+
+
+def test_cityscapes_labels_are_found_under_a_root_named_like_the_image_folder(tmp_path):
+    from danet_ext.tools.datasets import FolderSegmentation
+
+    root = tmp_path / "leftImg8bit_trainvaltest"  # the name of Cityscapes' own download
+    labels = write_cityscapes_folder(root)
+    dataset = FolderSegmentation(str(root), "cityscapes", "val")
+    assert [lab for _, lab in dataset.pairs] == [
+        str(root / "gtFine" / "val" / "aachen" / f"aachen_{i}_gtFine_labelTrainIds.png") for i in range(2)]
+    assert torch.equal(dataset[1][1], labels[1])
+
+
+@pytest.mark.parametrize("layout", ["voc", "cityscapes"])
+def test_missing_files_are_listed_before_the_model_loads(tmp_path, layout):
+    from danet_ext.tools.datasets import FolderSegmentation
+
+    data = tmp_path / "data"
+    if layout == "voc":
+        write_voc_folder(data, count=5, size=32)
+        gone = [data / "SegmentationClass" / f"img{i}.png" for i in (0, 2, 3, 4)]
+    else:
+        write_cityscapes_folder(data, count=5, size=32)
+        gone = [data / "gtFine" / "val" / "aachen" / f"aachen_{i}_gtFine_labelTrainIds.png" for i in (0, 2, 3, 4)]
+    for path in gone:
+        path.unlink()
+    with pytest.raises(ValueError) as info:
+        FolderSegmentation(str(data), layout, "val")
+    message = str(info.value)
+    assert message.startswith(f"4 file(s) of the {layout} layout") and all(str(p) in message for p in gone[:3])
+    assert str(gone[3]) not in message  # the first few only
+    # the command says so before it reads the checkpoint (which is not one here)
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    res = run_cli("evaluate", "--checkpoint", str(tmp_path / "notes.pt"), "--data", str(data), "--layout", layout,
+                  "--out", str(tmp_path / "e"))
+    errors = evaluate_errors(res)
+    assert len(errors) == 1 and "4 file(s)" in errors[0] and str(gone[0]) in errors[0], res.stderr
+
+
 def test_class_scores():
     conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
     scores = class_scores(conf)

@@ -20,10 +20,15 @@ def test_onnx_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
     out = tmp_path / "m.onnx"
     res = run_cli("export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--input-size", "72x96")
     assert res.returncode == 0, res.stderr
-    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tiny.pt"]  # one file, no m.onnx.data
+    moved = tmp_path / "elsewhere" / "model.onnx"  # and it works copied alone
+    moved.parent.mkdir()
+    moved.write_bytes(out.read_bytes())
+    out.unlink()
+    ops = [n.op_type for n in onnx.load(str(moved)).graph.node]
     assert ops.count("Attention") == 1 and ops.count("Softmax") == 1  # CAM's C x C softmax only
     x = torch.rand(1, 3, 72, 96)
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = model(x)[0].numpy()
@@ -60,3 +65,16 @@ def test_export_argument_errors_are_one_line(tmp_path, checkpoint, args, message
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("danet-ext: error")]
     assert len(errors) == 1 and message in errors[0], res.stderr
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_out_that_is_a_directory(tmp_path, checkpoint, fmt):
+    _, ckpt = checkpoint
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.xml")
+    out.mkdir()
+    res = run_cli("export", "--checkpoint", str(ckpt), "--format", fmt, "--out", str(out))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("danet-ext: error")]
+    assert len(errors) == 1 and f"--out {out} is a directory" in errors[0], res.stderr
+    assert "model:" not in res.stdout  # refused before the model loads
+    assert list(out.iterdir()) == []

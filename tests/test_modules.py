@@ -158,6 +158,30 @@ def test_load_torchvision_format_backbone(tmp_path):
         assert torch.equal(model.pretrained.state_dict()[k], v)
 
 
+def test_load_torchvision_resnet_refuses_what_is_not_a_state_dict(tmp_path):
+    from danet_ext.checkpoint import CheckpointError
+
+    model = DANet(3, backbone="resnet50")
+    for name, content in (("list.pth", [torch.zeros(1)]), ("strings.pth", {"conv1.weight": "w"})):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name}"):
+            load_torchvision_resnet(model.pretrained, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_danet_loss_takes_narrow_integer_targets(dtype):
+    logits = torch.randn(2, 4, 6, 7)
+    target = torch.randint(0, 4, (2, 6, 7))
+    assert DANetLoss()(logits, target.to(dtype)) == DANetLoss()(logits, target)
+    target[0, 0, 0] = 255  # unlabelled, as VOC marks it, without ignore_index=255
+    with pytest.raises(ValueError) as expected:
+        DANetLoss()(logits, target)
+    with pytest.raises(ValueError) as got:
+        DANetLoss()(logits, target.to(dtype))
+    assert str(got.value) == str(expected.value) and "pass DANetLoss(ignore_index=255)" in str(got.value)
+    assert DANetLoss(ignore_index=255)(logits, target.to(dtype)) == DANetLoss(ignore_index=255)(logits, target)
+
+
 @pytest.fixture(scope="module")
 def small_danet():
     torch.manual_seed(0)

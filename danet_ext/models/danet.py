@@ -91,9 +91,11 @@ class DANetLoss(nn.Module):
         self.aux_weight = aux_weight
         self.ignore_index = ignore_index
 
-    def _check_target(self, logits: Tensor, target: Tensor) -> None:
+    def _checked_target(self, logits: Tensor, target: Tensor) -> Tensor:
+        """`target` as int64 (so that ignore_index=-1 never wraps around in uint8), checked."""
         if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"danet_ext: DANetLoss target must hold integer class indices, got {target.dtype}")
+        target = target.long()
         num_classes = logits.shape[1]
         bad = (target != self.ignore_index) & ((target < 0) | (target >= num_classes))
         if bool(bad.any()):
@@ -102,15 +104,16 @@ class DANetLoss(nn.Module):
                 f"danet_ext: DANetLoss target holds {values}, outside [0, {num_classes}) and not ignore_index "
                 f"({self.ignore_index}); if those values mark unlabelled pixels (255 in VOC and mmseg), "
                 f"pass DANetLoss(ignore_index={values[-1]})")
+        return target
 
     def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
-        total = F.cross_entropy(logits, target.long(), ignore_index=self.ignore_index, reduction="sum")
+        total = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum")
         count = (target != self.ignore_index).sum().clamp(min=1)
         return total / count.to(total.dtype)
 
     def forward(self, outputs: Union[Tensor, Sequence[Tensor]], target: Tensor) -> Tensor:
         main, *aux = (outputs,) if isinstance(outputs, Tensor) else outputs
-        self._check_target(main, target)
+        target = self._checked_target(main, target)
         loss = self._ce(main, target)
         for o in aux:
             loss = loss + self.aux_weight * self._ce(o, target)

@@ -142,11 +142,8 @@ def load_torchvision_resnet(backbone: DilatedResNet, path: str, strict: bool = T
     """Load an ImageNet ResNet state dict saved in torchvision's format (a file
     written by torch.save(torchvision.models.resnet101().state_dict(), path))
     into a backbone built with deep_stem=False. Dilation changes no shapes, so
-    every key maps one to one. Returns the result of load_state_dict."""
-    from ..checkpoint import load_checkpoint_file
+    every key maps one to one. Returns the result of load_state_dict; a file that
+    does not hold a state dict of tensors raises CheckpointError naming it."""
+    from ..checkpoint import extract_state_dict, load_checkpoint_file
 
-    state = load_checkpoint_file(path)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    return backbone.load_state_dict(state, strict=strict)
+    return backbone.load_state_dict(extract_state_dict(load_checkpoint_file(path), path), strict=strict)

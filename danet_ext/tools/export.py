@@ -48,6 +48,8 @@ class MainOutput(nn.Module):
 
 def check_out_path(out: str, fmt: str) -> None:
     ext = FORMATS[fmt]
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give a file name such as {os.path.join(out, 'model' + ext)}")
     if not out.endswith(ext):
         raise ValueError(f"--out {out}: a {fmt} model is written to a file ending in {ext}")
 
@@ -71,8 +73,9 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "onnx", size: Tuple[
         if fmt == "onnx":
             _require("onnx", fmt)
             _require("onnxscript", fmt)
+            # one self-contained file (no <out>.data beside it): DANet's weights are far below ONNX's 2 GB limit
             torch.onnx.export(wrapped, (x,), out, dynamo=True, opset_version=23, verbose=False,
-                              input_names=["image"], output_names=["logits"])
+                              input_names=["image"], output_names=["logits"], external_data=False)
             got = _run_onnx(out, x.numpy())
         else:
             ov = _require("openvino", fmt)

@@ -59,6 +59,9 @@ def check_paths(checkpoint: str, image_path: str, out_path: str) -> None:
     if out_path.endswith(os.sep) or os.path.isdir(out_path):
         raise ValueError(f"--out {out_path} is a directory; give a file name such as "
                          f"{os.path.join(out_path, 'overlay.png')}")
+    if os.path.exists(out_path) and os.path.samefile(out_path, image_path):
+        raise ValueError(f"--out {out_path} is the --image file itself; writing the overlay would overwrite it: "
+                         f"give another name")
     ext = os.path.splitext(out_path)[1].lower()
     if ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"--out {out_path}: the name must end in an image extension "
@@ -149,11 +152,17 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
         raise CheckpointError(f"{checkpoint} does not fit {classes} classes: {hint}; "
                               f"try --num-classes {shown}")
     if config["arch"] == "tiny":
-        width = config.get("width")
+        # the width decides the model's size: take it from the weights, never from the config alone
         stem = weights.get("pretrained.0.0.weight")
-        if width is None and isinstance(stem, torch.Tensor) and stem.dim() == 4:
-            width = int(stem.shape[0])
-        model = TinyDANet(classes, width=_positive_int(width or 32, "width", checkpoint, 4096))
+        if stem is None or stem.dim() != 4:
+            raise CheckpointError(f"{checkpoint}: a TinyDANet checkpoint needs 'pretrained.0.0.weight', the first "
+                                  f"convolution's (width, 3, 3, 3) weight; "
+                                  f"{'it is missing' if stem is None else f'it has shape {tuple(stem.shape)}'}")
+        width = config.get("width", int(stem.shape[0]))
+        if width != stem.shape[0]:
+            raise CheckpointError(f"{checkpoint}: config['width'] is {width}, but the weights are of width "
+                                  f"{stem.shape[0]} (pretrained.0.0.weight has {stem.shape[0]} output channels)")
+        model = TinyDANet(classes, width=_positive_int(width, "width", checkpoint, 4096))
         described = f"TinyDANet({classes}, width={model.config['width']})"
     else:
         arch = backbone or config.get("backbone") or inferred["backbone"] or "resnet101"
@@ -306,16 +315,16 @@ def segment_file(checkpoint: str, image_path: str, out_path: str, num_classes: O
     runs through danet_ext.optimize_for_inference at `precision`."""
     from PIL import Image, ImageFont
 
+    from .datasets import read_image
+
     check_paths(checkpoint, image_path, out_path)
     if window < MIN_WINDOW:
         raise ValueError(f"--window must be at least {MIN_WINDOW}, got {window}")
     try:
-        pil = Image.open(image_path).convert("RGB")
-    except Exception as exc:
-        raise ValueError(f"--image {image_path} is not an image PIL can read: {exc}") from exc
+        image = read_image(image_path)
+    except ValueError as exc:
+        raise ValueError(f"--image {exc}") from exc
     model = load_model(checkpoint, num_classes, backbone, verbose=verbose)
-    image = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8).view(pil.height, pil.width, 3)
-    image = image.permute(2, 0, 1).float() / 255
     normalize = takes_normalised_images(model)
     fast = prepare(model, precision, verbose)
     labels = predict(fast, image, window=window, flip=flip, normalize=normalize).argmax(0)
