@@ -4,7 +4,8 @@
 Paths (each in a fresh process, so times and peak memory do not mix):
   eager-float32            the model as trained: float32, NCHW (what `segment` did before)
   optimized-float32        danet_ext.optimize_for_inference(precision="float32", keep_memory=True), as the
-                           CLI's segment and evaluate: BN folded, channels_last, large convolutions split
+                           CLI's segment and evaluate: BN folded, channels_last, 3x3 convolutions by Winograd
+  optimized-float32-direct the same with winograd=False (oneDNN's direct 3x3 convolutions, large ones split)
   optimized-float32-compiled  the same through torch.compile (inductor, freezing)
   optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware)
   optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
@@ -38,7 +39,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATHS = ["eager-float32", "optimized-float32", "optimized-float32-compiled", "optimized-bfloat16",
+PATHS = ["eager-float32", "optimized-float32", "optimized-float32-direct", "optimized-float32-compiled",
+         "optimized-bfloat16",
          "optimized-bfloat16-refattn", "optimized-bfloat16-compiled",
          "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
 CUDA_PATHS = ["eager-float32", "optimized-float32", "optimized-float16", "optimized-bfloat16",
@@ -76,7 +78,8 @@ def runner(path: str, size, onnx_file: str, device: str = "cpu"):
 
         model = build_model("reference" if path.endswith("refattn") else "auto").to(device)
         if path.startswith("optimized"):
-            model = optimize_for_inference(model, precision=path.split("-")[1], keep_memory=True)  # as the CLI
+            model = optimize_for_inference(model, precision=path.split("-")[1], keep_memory=True,  # as the CLI
+                                           winograd=not path.endswith("direct"))
         if path.endswith("compiled"):
             import torch._inductor.config as inductor_config
 

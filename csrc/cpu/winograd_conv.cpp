@@ -167,8 +167,12 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor w = weight.contiguous();
   const std::vector<Tile> tiles = make_tiles(H, W, dilation);
   const int64_t T = static_cast<int64_t>(tiles.size());
-  // Tiles per chunk: the transformed inputs and products of a chunk in about 32 MiB.
-  const int64_t chunk = std::min(T, std::max<int64_t>(64, (32 << 20) / (36 * 4 * std::max(C, K))));
+  // Tiles per chunk: the transformed inputs (or products) of a chunk in about 8 MiB, so
+  // that they are still in cache when the GEMMs and the output transform read them, but
+  // at least 128, the GEMMs' rows, for the filters (36 C K floats) are read once a chunk.
+  // Measured on a 2-core EPYC at 64x128 positions: 8 MiB ran C = 64 layers 10-40 %
+  // faster than 32 MiB and larger chunks, 128 tiles ran C = 2048 as fast as 32 MiB.
+  const int64_t chunk = std::min(T, std::max<int64_t>(128, (8 << 20) / (36 * 4 * std::max(C, K))));
   auto v = at::empty({36, chunk, C}, x.options());
   auto m = at::empty({36, chunk, K}, x.options());
   const float* xp = x.data_ptr<float>();
