@@ -257,8 +257,8 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
             off by default here; the CLI's segment and evaluate turn it on.
         compile: run through torch.compile (inductor, freezing). It pays off for many
             images of one size: measured on a 2-core AMD EPYC (AVX512-BF16) on 2026-11-30,
-            DANet-ResNet-101 in bfloat16 at 512x1024 took 3.14 s a forward instead of 3.46 s,
-            after a first call of 13.9 s; each new input size compiles again (forward(x,
+            DANet-ResNet-101 in bfloat16 at 512x1024 took 2.92 s a forward instead of 3.01 s,
+            after a first call of 11.1 s (float32: 3.75 s instead of 3.85 s, after 12.8 s); each new input size compiles again (forward(x,
             eager=True) runs a one-off size without it). Off by default.
     Returns:
         an InferenceModel whose forward takes images and returns float32 outputs.

@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (inductor, freezing) for full sliding windows (window x "
                         "window): each batch size of windows compiles first (seconds to a minute), then runs "
                         "faster; images smaller than the window run eagerly, as they rarely share a size "
-                        "(DANet-101 in bfloat16 at 512x1024 on a 2-core CPU: 2.86 s a forward against 3.00 s, "
-                        "after a 12 s first call)")
+                        "(DANet-101 in bfloat16 at 512x1024 on a 2-core CPU: 2.92 s a forward against 3.01 s, "
+                        "after an 11 s first call)")
     s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
     s.set_defaults(func=cmd_evaluate)
 
