@@ -111,3 +111,24 @@ def test_optimize_for_inference_swaps_the_stride_one_3x3_convolutions():
     assert use_winograd(nn.Sequential(nn.Conv2d(128, 2, 3, padding=1).bfloat16())) == 0
     assert use_winograd(nn.Sequential(nn.Conv2d(127, 2, 3, padding=1))) == 0
     assert use_winograd(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)), min_channels=1) == 1
+
+
+def test_inference_only_backward_raises():
+    """No gradients: a backward through it raises instead of leaving .grad silently empty."""
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), WinogradConv2d(conv))
+    out = net(torch.randn(1, 2, 6, 5))
+    with pytest.raises(RuntimeError, match="is for inference and has no backward"):
+        out.sum().backward()
+
+
+def test_dilation_beyond_the_image_is_the_centre_tap():
+    """Any dilation at least the image's size leaves only the centre tap (2^62 included)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 7)
+    conv = nn.Conv2d(5, 4, 3, padding=7, dilation=7)
+    centre = F.conv2d(x, conv.weight[:, :, 1:2, 1:2], conv.bias)
+    u = transform_filters(conv.weight)
+    for dilation in (7, 8, 1000, 2 ** 62):
+        got = torch.ops.danet_ext.winograd_conv3x3(x, u, conv.bias.detach(), dilation)
+        torch.testing.assert_close(got, centre, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../checks.h"
 
 namespace danet {
 namespace cpu {
@@ -165,7 +164,10 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weigh
   }
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.contiguous();
-  const std::vector<Tile> tiles = make_tiles(H, W, dilation);
+  // Past the image's size every tap but the centre falls in the padding: the same
+  // convolution, and r * (m - 1) cannot overflow.
+  const int64_t r = std::min(dilation, std::max(H, W));
+  const std::vector<Tile> tiles = make_tiles(H, W, r);
   const int64_t T = static_cast<int64_t>(tiles.size());
   // Tiles per chunk: the transformed inputs (or products) of a chunk in about 8 MiB, so
   // that they are still in cache when the GEMMs and the output transform read them, but
@@ -186,7 +188,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weigh
       at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t)
           for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock)
-            input_transform(xb, H, W, C, dilation, tiles[t0 + t], c0, std::min(kChannelBlock, C - c0),
+            input_transform(xb, H, W, C, r, tiles[t0 + t], c0, std::min(kChannelBlock, C - c0),
                             vp + t * C + c0, chunk * C);
       });
       at::Tensor products = m.narrow(1, 0, nt);
@@ -195,7 +197,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weigh
       at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t)
           for (int64_t k0 = 0; k0 < K; k0 += kChannelBlock)
-            output_transform(mp + t * K, chunk * K, bias_ptr, H, W, K, dilation, tiles[t0 + t], k0,
+            output_transform(mp + t * K, chunk * K, bias_ptr, H, W, K, r, tiles[t0 + t], k0,
                              std::min(kChannelBlock, K - k0), yb);
       });
     }
