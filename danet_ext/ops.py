@@ -36,6 +36,9 @@ _warned: set = set()
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"danet_ext: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"danet_ext: `{name}` must be a dense (strided) tensor, got layout {t.layout}"
+                        f"{' (nested)' if t.is_nested else ''}; convert it with .to_dense()")
     if t.dim() != 4:
         raise ValueError(
             f"danet_ext: `{name}` must be a 4-D (B, C, H, W) tensor, got {t.dim()}-D with shape {tuple(t.shape)}")

@@ -182,10 +182,13 @@ def test_validation_errors_name_the_argument():
         ((q.long(), k.long(), v.long()), TypeError, "`query` must be a float32, float64, float16 or bfloat16"),
         ((q, k, "v"), TypeError, "`value` must be a torch.Tensor"),
         ((q[:, :0], k[:, :0], v), ValueError, "at least one channel"),
+        ((q.to_sparse(), k, v), TypeError, r"`query` must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
     ]
     for args, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             danet_ext.position_attention(*args)
+    with pytest.raises(TypeError, match="`x` must be a dense"):
+        danet_ext.channel_attention(v.to_sparse())
     with pytest.raises(ValueError, match="backend must be one of"):
         danet_ext.position_attention(q, k, v, backend="fast")
 
