@@ -7,7 +7,9 @@ Paths (each in a fresh process, so times and peak memory do not mix):
                            CLI's segment and evaluate: BN folded, channels_last, 3x3 convolutions by Winograd
   optimized-float32-direct the same with winograd=False (oneDNN's direct 3x3 convolutions, large ones split)
   optimized-float32-compiled  the same through torch.compile (inductor, freezing)
-  optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware)
+  optimized-bfloat16       ... precision="bfloat16" (only where the CPU has bfloat16 hardware; on AVX512-BF16
+                           without AMX, the widest 3x3 convolutions by Winograd in float32)
+  optimized-bfloat16-direct  the same with winograd=False
   optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
   optimized-bfloat16-compiled  the same through torch.compile (inductor, freezing); compile time reported
   onnxruntime-sdpa         ONNX Runtime (CPU), model exported by danet_ext (opset 23, fused Attention)
@@ -40,7 +42,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ["eager-float32", "optimized-float32", "optimized-float32-direct", "optimized-float32-compiled",
-         "optimized-bfloat16",
+         "optimized-bfloat16", "optimized-bfloat16-direct",
          "optimized-bfloat16-refattn", "optimized-bfloat16-compiled",
          "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
 CUDA_PATHS = ["eager-float32", "optimized-float32", "optimized-float16", "optimized-bfloat16",

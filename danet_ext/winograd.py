@@ -60,16 +60,17 @@ if HAVE_EXTENSION:
 def supports(conv: nn.Module) -> bool:
     """Whether `conv` is a convolution this kernel computes: a plain Conv2d, 3 x 3,
     stride 1, padding = dilation (the same in both dimensions), one group, zero padding,
-    float32 weights on the CPU."""
+    float32 or bfloat16 weights on the CPU."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros" and conv.dilation[0] == conv.dilation[1]
-            and conv.padding == conv.dilation and conv.weight.dtype == torch.float32
+            and conv.padding == conv.dilation and conv.weight.dtype in (torch.float32, torch.bfloat16)
             and conv.weight.device.type == "cpu")
 
 
 class WinogradConv2d(nn.Module):
     """A Conv2d (see `supports`) computed by Winograd's F(4x4, 3x3), for inference: no
-    gradients (backward raises), float32 CPU tensors only (not under autocast), and forward
+    gradients (backward raises), float32 or bfloat16 CPU tensors (the dtype of the weights it
+    was made from; not under autocast), and forward
     hooks of the convolution it replaces are not carried over. Holds the transformed filters,
     4x the memory of the 3 x 3 weights, and not the original ones (DANet-101 in float32:
     about 0.7 GB instead of 0.18 GB). Faster than the direct convolution from about 32 x 32
@@ -79,22 +80,43 @@ class WinogradConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         if not supports(conv):
-            raise ValueError(f"danet_ext: WinogradConv2d takes a float32 CPU Conv2d, 3 x 3, stride 1, padding = "
-                             f"dilation, one group; got {conv}")
+            raise ValueError(f"danet_ext: WinogradConv2d takes a float32 or bfloat16 CPU Conv2d, 3 x 3, stride 1, "
+                             f"padding = dilation, one group; got {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.dilation = conv.dilation[0]
+        self.dtype = conv.weight.dtype  # what it takes and returns; the arithmetic is float32
         self.register_buffer("filters", transform_filters(conv.weight))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"danet_ext: WinogradConv2d expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"danet_ext: WinogradConv2d runs float32 CPU tensors, got {x.dtype} on {x.device}")
-        return winograd_conv3x3(x, self.filters, self.bias, self.dilation)
+        if x.dtype != self.dtype or x.device.type != "cpu":
+            raise ValueError(f"danet_ext: this WinogradConv2d runs {self.dtype} CPU tensors, got {x.dtype} on {x.device}")
+        if self.dtype == torch.float32:
+            return winograd_conv3x3(x, self.filters, self.bias, self.dilation)
+        # bfloat16 in and out, float32 inside (exact widening, one rounding of the output, as
+        # the direct bfloat16 convolution rounds its own)
+        return winograd_conv3x3(x.float(), self.filters, self.bias, self.dilation).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), dilation={self.dilation}, F(4x4, 3x3)"
+
+
+# bfloat16 models (computed in float32 between one widening and one rounding): only where
+# a bfloat16 GEMM is about twice as fast as a float32 one (AVX512-BF16 without AMX) and only
+# for wide convolutions. Measured on a 2-core EPYC with AVX512-BF16 at 64x128 positions,
+# against oneDNN's direct bfloat16 convolution: 512 -> 512 (dilation 4) 67 against 81 ms,
+# 2048 -> 512 282 against 348 ms (split in 4), 256 -> 256 23 against 21 ms (no gain).
+MIN_CHANNELS_BFLOAT16 = 512
+
+
+def pays_off_in_bfloat16() -> bool:
+    """Whether bfloat16 models take Winograd here: CPUs with AVX512-BF16 but not AMX-BF16
+    (whose bfloat16 GEMMs run several times faster than float32 ones)."""
+    from . import hardware
+
+    return hardware.has_avx512_bf16() and not hardware.has_amx_bf16()
 
 
 # Below this many input channels the 36 GEMMs are too thin to beat oneDNN's direct
@@ -106,7 +128,7 @@ MIN_CHANNELS = 128
 def use_winograd(model: nn.Module, min_channels: Optional[int] = None) -> int:
     """Replace, in place, every Conv2d that `supports` accepts and that has at least
     `min_channels` (default MIN_CHANNELS) input channels by a WinogradConv2d; returns how
-    many. For float32 CPU inference (no gradients flow to the filters)."""
+    many. For CPU inference (no gradients flow to the filters)."""
     if not HAVE_EXTENSION:
         return 0
     min_channels = MIN_CHANNELS if min_channels is None else min_channels

@@ -93,13 +93,16 @@ def trained_tiny_model():
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16", "float32"])  # float32: Winograd convolutions
 def test_reduced_precision_keeps_the_predictions(trained_tiny_model, precision, monkeypatch):
-    monkeypatch.setattr(danet_ext.winograd, "MIN_CHANNELS", 1)  # the tiny model's 16 to 64 channels too
+    # Winograd for the tiny model's 16 to 64 channels too, in float32 and bfloat16
+    monkeypatch.setattr(danet_ext.winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(danet_ext.winograd, "MIN_CHANNELS_BFLOAT16", 1)
+    monkeypatch.setattr(danet_ext.winograd, "pays_off_in_bfloat16", lambda: True)
     test_x, test_y = make_batch(32, 64, torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = trained_tiny_model(test_x)[0].argmax(1)
     fast = optimize_for_inference(trained_tiny_model, precision=precision)
     assert fast.dtype == getattr(torch, precision)
-    assert (fast.winograd_convolutions > 0) == (precision == "float32")
+    assert (fast.winograd_convolutions > 0) == (precision != "float16")
     pred = fast(test_x)[0].argmax(1)
     k = len(CLASSES)
     miou_ref = mean_iou(confusion_matrix(ref, test_y, k))

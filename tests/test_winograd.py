@@ -108,7 +108,7 @@ def test_optimize_for_inference_swaps_the_stride_one_3x3_convolutions():
     x = torch.randn(1, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-3, atol=1e-3)
-    assert use_winograd(nn.Sequential(nn.Conv2d(128, 2, 3, padding=1).bfloat16())) == 0
+    assert use_winograd(nn.Sequential(nn.Conv2d(128, 2, 3, padding=1).double())) == 0
     assert use_winograd(nn.Sequential(nn.Conv2d(127, 2, 3, padding=1))) == 0
     assert use_winograd(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)), min_channels=1) == 1
 
@@ -132,3 +132,34 @@ def test_dilation_beyond_the_image_is_the_centre_tap():
     for dilation in (7, 8, 1000, 2 ** 62):
         got = torch.ops.danet_ext.winograd_conv3x3(x, u, conv.bias.detach(), dilation)
         torch.testing.assert_close(got, centre, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_within_twice_the_direct_bfloat16_error():
+    """bfloat16 in and out, float32 inside: the error against float64 of the same
+    bfloat16 inputs and weights is that of one rounding of the output, like oneDNN's
+    direct bfloat16 convolution's (at most twice it)."""
+    torch.manual_seed(0)
+    for c_in, c_out, h, w, dilation in ((256, 64, 16, 24, 2), (67, 33, 9, 13, 1)):
+        conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation).bfloat16()
+        x = torch.relu(torch.randn(2, c_in, h, w)).bfloat16()
+        truth = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=dilation, dilation=dilation)
+        with torch.no_grad():
+            direct = conv(x)
+            got = WinogradConv2d(conv)(x)
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert relative_error(got, truth) <= 2 * relative_error(direct, truth) + 1e-6
+    with pytest.raises(ValueError, match="runs torch.bfloat16 CPU tensors, got torch.float32"):
+        WinogradConv2d(conv)(x.float())
+
+
+def test_bfloat16_models_take_it_only_where_it_pays_off(monkeypatch):
+    """bfloat16: only on CPUs with AVX512-BF16 but not AMX, for 512 input channels and more."""
+    from danet_ext import winograd
+
+    model = danet_ext.DANet(3, backbone="resnet50", aux=False).eval()
+    wide = sum(supports(m) and m.in_channels >= 512 for m in model.modules())
+    for pays, expected in ((True, wide), (False, 0)):
+        monkeypatch.setattr(winograd, "pays_off_in_bfloat16", lambda pays=pays: pays)
+        fast = danet_ext.optimize_for_inference(model, precision="bfloat16")
+        assert fast.winograd_convolutions == expected
+    assert wide == 7  # layer4's three, conv5a/conv5c, conv51/conv52
