@@ -65,7 +65,8 @@ def build_info() -> dict:
     Keys: ``extension`` (bool), ``backends`` (e.g. ["cpu", "cuda"]),
     ``cuda_arch_list``, ``torch_version`` and ``cuda_version`` it was built
     against, ``version``; plus ``runtime_torch_version`` and ``cuda_available``,
-    the CPU (``cpu``, ``cpu_bfloat16``, ``cpu_float16``) and, with CUDA kernels, ``cuda_paths``:
+    the CPU (``cpu``, ``cpu_bfloat16``, ``cpu_float16``, ``cpu_inference_convolutions``) and, with
+    CUDA kernels, ``cuda_paths``:
     which kernels run which dtype.
     """
     if HAVE_EXTENSION:
@@ -103,6 +104,16 @@ def build_info() -> dict:
             + ([f"position_attention with at most {AUTO_REFERENCE_MAX_POSITIONS} positions"]
                if auto_prefers_reference("position_attention", cpu, torch.bfloat16,
                                          AUTO_REFERENCE_MAX_POSITIONS) else [])),
+    }
+    # optimize_for_inference's 3x3 convolutions on this CPU (danet_ext/winograd.py)
+    from . import winograd
+
+    info["cpu_inference_convolutions"] = {
+        "float32": (f"Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions with >= {winograd.MIN_CHANNELS} "
+                    f"input channels, oneDNN otherwise" if HAVE_EXTENSION else "oneDNN"),
+        "bfloat16": (f"Winograd F(4x4, 3x3) in float32 for 3x3 stride-1 convolutions with >= "
+                     f"{winograd.MIN_CHANNELS_BFLOAT16} input channels (AVX512-BF16 without AMX), oneDNN otherwise"
+                     if HAVE_EXTENSION and winograd.pays_off_in_bfloat16() else "oneDNN"),
     }
     if "cuda" in info["backends"]:
         info["cuda_paths"] = CUDA_PATHS

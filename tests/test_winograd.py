@@ -163,3 +163,7 @@ def test_bfloat16_models_take_it_only_where_it_pays_off(monkeypatch):
         fast = danet_ext.optimize_for_inference(model, precision="bfloat16")
         assert fast.winograd_convolutions == expected
     assert wide == 7  # layer4's three, conv5a/conv5c, conv51/conv52
+    monkeypatch.undo()
+    said = danet_ext.build_info()["cpu_inference_convolutions"]
+    assert said["float32"].startswith("Winograd") and "128 input channels" in said["float32"]
+    assert said["bfloat16"].startswith("Winograd") == winograd.pays_off_in_bfloat16()
