@@ -259,11 +259,12 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
             activations for the next forward instead of page-faulting them in afresh (5 to
             9 % faster at 1024x2048, ~0.6 GiB more resident). A process-wide setting, so
             off by default here; the CLI's segment and evaluate turn it on.
-        compile: run through torch.compile (inductor, freezing). It pays off for many
-            images of one size: measured on a 2-core AMD EPYC (AVX512-BF16) on 2026-11-30,
-            DANet-ResNet-101 in bfloat16 at 512x1024 took 2.92 s a forward instead of 3.01 s,
-            after a first call of 11.1 s (float32: 3.75 s instead of 3.85 s, after 12.8 s); each new input size compiles again (forward(x,
-            eager=True) runs a one-off size without it). Off by default.
+        compile: run through torch.compile (inductor, freezing). On the CPU it no longer
+            pays off since the Winograd convolutions (opaque to inductor): measured on a
+            2-core AMD EPYC (AVX512-BF16) on 2026-11-30, DANet-ResNet-101 at 512x1024 took
+            2.85 s in bfloat16 and 4.27 s in float32 a forward, against 2.75 and 4.07 s
+            eager, after first calls of 13-14 s. Each new input size compiles again
+            (forward(x, eager=True) runs a one-off size without it). Off by default.
     Returns:
         an InferenceModel whose forward takes images and returns float32 outputs.
     """

@@ -286,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the model (inductor, freezing) for full sliding windows (window x "
-                        "window): each batch size of windows compiles first (seconds to a minute), then runs "
-                        "faster; images smaller than the window run eagerly, as they rarely share a size "
-                        "(DANet-101 in bfloat16 at 512x1024 on a 2-core CPU: 2.92 s a forward against 3.01 s, "
-                        "after an 11 s first call)")
+                        "window): each batch size of windows compiles first (seconds to a minute); images "
+                        "smaller than the window run eagerly, as they rarely share a size. On the CPU it no "
+                        "longer pays off (DANet-101 at 512x1024 on a 2-core CPU: bfloat16 2.85 s a forward "
+                        "against 2.75 s eager, after a 13 s first call); on a GPU it is unmeasured")
     s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
     s.set_defaults(func=cmd_evaluate)
 
