@@ -1,4 +1,4 @@
-"""3 x 3 convolutions by Winograd's F(4x4, 3x3) for float32 CPU inference.
+"""3 x 3 convolutions by Winograd's F(4x4, 3x3) for CPU inference.
 
 A 3 x 3 convolution with stride 1 and padding equal to its dilation (every 3 x 3
 convolution of DANet's dilated ResNet and head but the stem's first) takes 36
@@ -9,8 +9,9 @@ optimize_for_inference swaps them in on the CPU in float32 (the kernel:
 csrc/cpu/winograd_conv.cpp). The sums are reassociated: the outputs differ from
 the direct convolution's by about 1e-5 of their magnitude (the direct one's own
 float32 error is about 3e-7), and the accuracy guard of the inference tests covers
-it. bfloat16 keeps the direct convolution, whose error Winograd's transforms
-would multiply.
+it. In bfloat16 it swaps in the widest ones where bfloat16 GEMMs are slow
+(pays_off_in_bfloat16), computed in float32 between an exact widening and one
+rounding; bfloat16 arithmetic inside the transforms would multiply its error.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ._build import HAVE_EXTENSION
 
@@ -70,8 +70,8 @@ def supports(conv: nn.Module) -> bool:
 class WinogradConv2d(nn.Module):
     """A Conv2d (see `supports`) computed by Winograd's F(4x4, 3x3), for inference: no
     gradients (backward raises), float32 or bfloat16 CPU tensors (the dtype of the weights it
-    was made from; not under autocast), and forward
-    hooks of the convolution it replaces are not carried over. Holds the transformed filters,
+    was made from; not under autocast), and forward hooks of the convolution it replaces
+    are not carried over. Holds the transformed filters,
     4x the memory of the 3 x 3 weights, and not the original ones (DANet-101 in float32:
     about 0.7 GB instead of 0.18 GB). Faster than the direct convolution from about 32 x 32
     positions up (DANet's features of a 256 x 256 image); on smaller maps its few tiles make
