@@ -108,12 +108,15 @@ def build_info() -> dict:
     # optimize_for_inference's 3x3 convolutions on this CPU (danet_ext/winograd.py)
     from . import winograd
 
+    def convolutions(dtype: torch.dtype, how: str) -> str:
+        least = winograd.min_channels_for(dtype)
+        return ("oneDNN" if least is None else
+                f"Winograd F(4x4, 3x3){how} for 3x3 stride-1 convolutions with >= {least} input channels, "
+                f"oneDNN otherwise")
+
     info["cpu_inference_convolutions"] = {
-        "float32": (f"Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions with >= {winograd.MIN_CHANNELS} "
-                    f"input channels, oneDNN otherwise" if HAVE_EXTENSION else "oneDNN"),
-        "bfloat16": (f"Winograd F(4x4, 3x3) in float32 for 3x3 stride-1 convolutions with >= "
-                     f"{winograd.MIN_CHANNELS_BFLOAT16} input channels (AVX512-BF16 without AMX), oneDNN otherwise"
-                     if HAVE_EXTENSION and winograd.pays_off_in_bfloat16() else "oneDNN"),
+        "float32": convolutions(torch.float32, ""),
+        "bfloat16": convolutions(torch.bfloat16, " in float32 (AVX512-BF16 without AMX)"),
     }
     if "cuda" in info["backends"]:
         info["cuda_paths"] = CUDA_PATHS

@@ -278,11 +278,8 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
     prepared = prepared.to(device=device, memory_format=torch.channels_last)
     if not autocast:
         prepared = prepared.to(dtype)
-    swapped = 0
-    if winograd and device.type == "cpu" and dtype == torch.float32:
-        swapped = _winograd.use_winograd(prepared)
-    elif winograd and device.type == "cpu" and dtype == torch.bfloat16 and _winograd.pays_off_in_bfloat16():
-        swapped = _winograd.use_winograd(prepared, min_channels=_winograd.MIN_CHANNELS_BFLOAT16)
+    min_channels = _winograd.min_channels_for(dtype) if winograd and device.type == "cpu" else None
+    swapped = _winograd.use_winograd(prepared, min_channels) if min_channels is not None else 0
     split = split_large_convolutions(prepared) if split_convs and device.type == "cpu" else 0
     if keep_memory and device.type == "cpu":
         keep_freed_memory()

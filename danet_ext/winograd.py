@@ -125,6 +125,19 @@ def pays_off_in_bfloat16() -> bool:
 MIN_CHANNELS = 128
 
 
+def min_channels_for(dtype: torch.dtype) -> Optional[int]:
+    """The fewest input channels of a 3 x 3 convolution that optimize_for_inference runs by
+    Winograd on this CPU for a model in `dtype`, or None where it runs none (no compiled
+    extension; float16; bfloat16 where it does not pay off)."""
+    if not HAVE_EXTENSION:
+        return None
+    if dtype == torch.float32:
+        return MIN_CHANNELS
+    if dtype == torch.bfloat16 and pays_off_in_bfloat16():
+        return MIN_CHANNELS_BFLOAT16
+    return None
+
+
 def use_winograd(model: nn.Module, min_channels: Optional[int] = None) -> int:
     """Replace, in place, every Conv2d that `supports` accepts and that has at least
     `min_channels` (default MIN_CHANNELS) input channels by a WinogradConv2d; returns how
