@@ -21,6 +21,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -41,29 +43,79 @@ inline uint32_t row_pair(const at::BFloat16* row, int64_t N, int64_t p) {
   return lo | (hi << 16);
 }
 
-// rows (R x N, row-major) -> row pairs (R x P)
+// rows (R x N, row-major) -> row pairs (R x P): each row's bytes, and with N odd
+// its last value alone in the last pair (upper half zero).
 inline void pack_row_pairs(const at::BFloat16* x, int64_t R, int64_t N, uint32_t* out) {
   const int64_t P = (N + 1) / 2;
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t p = 0; p < P; ++p) out[r * P + p] = row_pair(x + r * N, N, p);
+    for (int64_t r = begin; r < end; ++r) {
+      std::memcpy(out + r * P, x + r * N, (N / 2) * sizeof(uint32_t));
+      if (N % 2 != 0) out[r * P + P - 1] = row_pair(x + r * N, N, P - 1);
+    }
   });
 }
+
+#ifdef DANET_BF16_SCORES_X86
+// In place, r[i] becomes column i of the 16 x 16 matrix of 32-bit elements whose rows were r[0..15].
+DANET_TARGET_AVX512BF16 inline void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  // t[2k]:   per 128-bit lane q, r[2k][4q], r[2k+1][4q], r[2k][4q+1], r[2k+1][4q+1]; t[2k+1]: 4q+2, 4q+3
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4g + e]: lane q holds rows 4g..4g+3 of element 4q + e
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // column 4q + e: lane q of u[e], u[4 + e], u[8 + e], u[12 + e] (a 4 x 4 transpose of lanes)
+  for (int e = 0; e < 4; ++e) {
+    const __m512i a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), b = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44), d = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// Pairs [0, pairs) of panel `rows` (up to 16 rows of length N at x, stride N) into dst
+// (pairs x 16), pairs a multiple of 16 with 2 * pairs <= N: one 16 x 16 transpose per 16 pairs.
+DANET_TARGET_AVX512BF16 inline void pack_panel_blocks(const at::BFloat16* x, int64_t rows, int64_t N, int64_t pairs,
+                                                      uint32_t* dst) {
+  __m512i r[16];
+  for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+    for (int64_t l = 0; l < 16; ++l)
+      r[l] = l < rows ? _mm512_loadu_si512(x + l * N + 2 * p0) : _mm512_setzero_si512();
+    transpose_16x16_epi32(r);
+    for (int64_t c = 0; c < 16; ++c) _mm512_storeu_si512(dst + (p0 + c) * kScorePanel, r[c]);
+  }
+}
+#endif
 
 // rows (R x N, row-major) -> row panels (ceil(R/16) x P x 16)
 inline void pack_row_panels(const at::BFloat16* x, int64_t R, int64_t N, uint32_t* out) {
   const int64_t P = (N + 1) / 2, panels = (R + kScorePanel - 1) / kScorePanel;
+#ifdef DANET_BF16_SCORES_X86
+  const int64_t blocked = N / (2 * kScorePanel) * kScorePanel;  // pairs packed 16 at a time
+#else
+  const int64_t blocked = 0;
+#endif
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t jp = begin; jp < end; ++jp)
+    for (int64_t jp = begin; jp < end; ++jp) {
+      const int64_t r0 = jp * kScorePanel;
+#ifdef DANET_BF16_SCORES_X86
+      pack_panel_blocks(x + r0 * N, std::min(kScorePanel, R - r0), N, blocked, out + jp * P * kScorePanel);
+#endif
       for (int64_t l = 0; l < kScorePanel; ++l) {
-        const int64_t r = jp * kScorePanel + l;
+        const int64_t r = r0 + l;
         uint32_t* dst = out + jp * P * kScorePanel + l;
-        if (r < R) {
-          for (int64_t p = 0; p < P; ++p) dst[p * kScorePanel] = row_pair(x + r * N, N, p);
-        } else {
-          for (int64_t p = 0; p < P; ++p) dst[p * kScorePanel] = 0u;
-        }
+        for (int64_t p = blocked; p < P; ++p) dst[p * kScorePanel] = r < R ? row_pair(x + r * N, N, p) : 0u;
       }
+    }
   });
 }
 
@@ -82,10 +134,12 @@ inline void bf16_gram(const at::BFloat16* a, const at::BFloat16* b, int64_t Ra, 
   // With N even (and A 4-byte aligned), A's rows already are its row pairs
   // (little-endian: element 2p in the low half).
   const bool in_place = N % 2 == 0 && reinterpret_cast<uintptr_t>(a) % alignof(uint32_t) == 0;
-  std::vector<uint32_t> ap(in_place ? 0 : Ra * P), bp(((Rb + kScorePanel - 1) / kScorePanel) * P * kScorePanel);
-  if (!in_place) pack_row_pairs(a, Ra, N, ap.data());
-  const bf16_pair_t* a_pairs = in_place ? reinterpret_cast<const bf16_pair_t*>(a) : ap.data();
-  pack_row_panels(b, Rb, N, bp.data());
+  // Left uninitialised (every element is written by its pack): zeroing them cost as much as packing.
+  std::unique_ptr<uint32_t[]> ap(new uint32_t[in_place ? 0 : Ra * P]);
+  std::unique_ptr<uint32_t[]> bp(new uint32_t[((Rb + kScorePanel - 1) / kScorePanel) * P * kScorePanel]);
+  if (!in_place) pack_row_pairs(a, Ra, N, ap.get());
+  const bf16_pair_t* a_pairs = in_place ? reinterpret_cast<const bf16_pair_t*>(a) : ap.get();
+  pack_row_panels(b, Rb, N, bp.get());
   const int64_t row_blocks = (Ra + kGramBlock - 1) / kGramBlock, col_blocks = (Rb + kGramBlock - 1) / kGramBlock;
   std::vector<std::pair<int64_t, int64_t>> tasks;
   for (int64_t rb = 0; rb < row_blocks; ++rb)
@@ -95,7 +149,7 @@ inline void bf16_gram(const at::BFloat16* a, const at::BFloat16* b, int64_t Ra, 
       const int64_t r0 = tasks[t].first * kGramBlock, c0 = tasks[t].second * kGramBlock;
       const int64_t rows = std::min(kGramBlock, Ra - r0), cols = std::min(kGramBlock, Rb - c0);
       for (int64_t p0 = 0; p0 < P; p0 += kGramDepth) {
-        score_block(a_pairs + r0 * P + p0, P, bp.data() + (c0 / kScorePanel) * P * kScorePanel + p0 * kScorePanel,
+        score_block(a_pairs + r0 * P + p0, P, bp.get() + (c0 / kScorePanel) * P * kScorePanel + p0 * kScorePanel,
                     P * kScorePanel, std::min(kGramDepth, P - p0), g + r0 * Rb + c0, Rb, rows, cols, p0 > 0);
       }
     }
