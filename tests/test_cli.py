@@ -330,6 +330,24 @@ def test_timings_after_a_memory_measurement_reuse_heap_pages():
     assert faults < 2000, f"{faults} page faults for 20 reused 4 MiB buffers"
 
 
+def test_time_call_times_at_the_steady_state():
+    """A process's first timings must run at the same allocator state as those after a memory
+    measurement: time_call sets it, so buffers of 64 KiB and more are reused, not mmapped and
+    page-faulted afresh on every call as in the state peak_memory measures in."""
+    import resource
+    from danet_ext import allocator
+    allocator.mallopt(allocator.M_MMAP_THRESHOLD, 64 << 10)  # the measuring state, to be left
+    faults = []
+
+    def call():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(2**20).fill_(1)  # 4 MiB: 1024 pages
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    bm.time_call(call, "cpu", repeats=20, warmup=10)
+    assert sum(faults[-20:]) < 2000, f"{sum(faults[-20:])} page faults for 20 timed 4 MiB buffers"
+
+
 @pytest.mark.skipif(not danet_ext.HAVE_EXTENSION, reason="extension not built")
 def test_benchmark_outputs(tmp_path):
     results = bm.bench_position_attention([(8, 8)], Cq=4, C=8, repeats=1)
