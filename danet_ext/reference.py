@@ -7,6 +7,8 @@ attention, C x C for channel attention.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -28,18 +30,26 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     return out.view(B, C, H, W)
 
 
-def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """The same maths as position_attention, written as one
-    scaled_dot_product_attention call (one head, scale 1, value width C against
-    query/key width Cq). This is the form exported models carry: ONNX (opset 23
-    `Attention`) and OpenVINO (`ScaledDotProductAttention`) get a fused attention
-    operation instead of an explicit N x N softmax."""
+def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, query_block: Optional[int] = None) -> Tensor:
+    """The same maths as position_attention, written as scaled_dot_product_attention
+    (one head, scale 1, value width C against query/key width Cq). This is the form
+    exported models carry: ONNX (opset 23 `Attention`) and OpenVINO
+    (`ScaledDotProductAttention`) get a fused attention operation instead of an
+    explicit N x N softmax.
+
+    query_block: with N above it, one attention call per block of that many queries
+    (each against every key; the outputs concatenated), so that a runtime that
+    materialises the scores holds query_block x N of them at a time instead of N x N."""
     B, C, H, W = value.shape
     n = H * W
     q = query.reshape(B, 1, -1, n).transpose(-1, -2)  # B x 1 x N x Cq
     k = key.reshape(B, 1, -1, n).transpose(-1, -2)
     v = value.reshape(B, 1, C, n).transpose(-1, -2)  # B x 1 x N x C
-    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    if query_block is None or n <= query_block:
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + query_block], k, v, scale=1.0)
+                         for i in range(0, n, query_block)], dim=2)
     return out.transpose(-1, -2).reshape(B, C, H, W)
 
 

@@ -1,10 +1,13 @@
-"""`danet-ext export`: ONNX and OpenVINO models whose position attention is one fused
-attention operation, and whose outputs match PyTorch's."""
+"""`danet-ext export`: ONNX and OpenVINO models whose position attention is fused
+attention operations (one per block of queries), and whose outputs match PyTorch's."""
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import danet_ext
+from danet_ext import ops, reference
 from conftest import run_cli, save_tiny_checkpoint
 
 
@@ -25,8 +28,9 @@ def test_onnx_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
     moved.parent.mkdir()
     moved.write_bytes(out.read_bytes())
     out.unlink()
-    ops = [n.op_type for n in onnx.load(str(moved)).graph.node]
-    assert ops.count("Attention") == 1 and ops.count("Softmax") == 1  # CAM's C x C softmax only
+    node_types = [n.op_type for n in onnx.load(str(moved)).graph.node]
+    # 9 x 12 positions, one block of queries; CAM's C x C softmax the only Softmax
+    assert node_types.count("Attention") == 1 and node_types.count("Softmax") == 1
     x = torch.rand(1, 3, 72, 96)
     sess = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
@@ -78,3 +82,36 @@ def test_export_out_that_is_a_directory(tmp_path, checkpoint, fmt):
     assert len(errors) == 1 and f"--out {out} is a directory" in errors[0], res.stderr
     assert "model:" not in res.stdout  # refused before the model loads
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("block", [7, 40, 64])
+def test_blocked_sdpa_form_is_the_reference(block):
+    q, k = torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    v = torch.randn(2, 6, 5, 8, dtype=torch.float64)
+    got = reference.position_attention_sdpa(q, k, v, query_block=block)
+    torch.testing.assert_close(got, reference.position_attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+class PositionAttentionOnly(nn.Module):
+    def forward(self, q, k, v):
+        return danet_ext.position_attention(q, k, v)
+
+
+def test_onnx_export_splits_the_queries_into_blocks(tmp_path, monkeypatch):
+    """Each block of EXPORT_QUERY_BLOCK queries is one Attention node, so a runtime holds that
+    many rows of scores at a time (O(N)), not N x N; the outputs still match."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ops, "EXPORT_QUERY_BLOCK", 16)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 8, 5, 8)
+    path = str(tmp_path / "pam.onnx")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(PositionAttentionOnly(), (q, k, v), path, dynamo=True, opset_version=23,
+                          verbose=False, external_data=False)
+    types = [n.op_type for n in onnx.load(path).graph.node]
+    assert types.count("Attention") == 3 and types.count("Softmax") == 0  # 40 queries: 16 + 16 + 8
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], (q.numpy(), k.numpy(), v.numpy()))))[0]
+    np.testing.assert_allclose(got, reference.position_attention(q, k, v).numpy(), rtol=1e-5, atol=1e-5)
