@@ -12,10 +12,12 @@ Paths (each in a fresh process, so times and peak memory do not mix):
   optimized-bfloat16-direct  the same with winograd=False
   optimized-bfloat16-refattn  the same with the official attention (N x N matrix)
   optimized-bfloat16-compiled  the same through torch.compile (inductor, freezing); compile time reported
-  onnxruntime-sdpa         ONNX Runtime (CPU), model exported by danet_ext (opset 23, fused Attention)
-  onnxruntime-reference    ONNX Runtime, the official attention exported as MatMul/Softmax/MatMul
-  openvino-sdpa            OpenVINO (CPU, default hints), converted from danet_ext's export form
-  openvino-reference       OpenVINO, the official attention
+  onnxruntime-export       ONNX Runtime (CPU), the model as danet_ext exports it to ONNX (opset 23; position
+                           attention as MatMul/Softmax/MatMul per block of 1024 queries)
+  onnxruntime-reference    ONNX Runtime, the official attention exported as MatMul/Softmax/MatMul (N x N)
+  openvino-export          OpenVINO (CPU, default hints), the model converted by openvino.convert_model
+                           as danet_ext exports it (ScaledDotProductAttention per block of 1024 queries)
+  openvino-reference       OpenVINO, the official attention converted the same way
 
 --device cuda (a GPU machine; `make gpu-suite` runs it) takes the GPU paths instead: eager-float32,
 optimized-float32, optimized-float16 (autocast), optimized-bfloat16 (autocast), optimized-float16-refattn
@@ -44,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ["eager-float32", "optimized-float32", "optimized-float32-direct", "optimized-float32-compiled",
          "optimized-bfloat16", "optimized-bfloat16-direct",
          "optimized-bfloat16-refattn", "optimized-bfloat16-compiled",
-         "onnxruntime-sdpa", "onnxruntime-reference", "openvino-sdpa", "openvino-reference"]
+         "onnxruntime-export", "onnxruntime-reference", "openvino-export", "openvino-reference"]
 CUDA_PATHS = ["eager-float32", "optimized-float32", "optimized-float16", "optimized-bfloat16",
               "optimized-float16-refattn", "optimized-float16-compiled"]
 
@@ -56,8 +58,9 @@ def build_model(backend="auto"):
     return DANet(19, backbone="resnet101", aux=False, backend=backend).eval()
 
 
-def export_onnx(backend: str, size, path: str) -> None:
-    """danet_ext's export form (SDPA -> opset-23 Attention) or the official attention."""
+def export_model(backend: str, size, path: str) -> None:
+    """danet_ext's export form (backend "auto") or the official attention ("reference"), as an
+    ONNX file or, for a path ending in .xml, an OpenVINO model converted from PyTorch."""
     import warnings
 
     h, w = size
@@ -65,13 +68,17 @@ def export_onnx(backend: str, size, path: str) -> None:
     x = torch.randn(1, 3, h, w)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if backend == "reference":
+        if path.endswith(".xml"):
+            import openvino as ov
+
+            ov.save_model(ov.convert_model(model, example_input=x), path)
+        elif backend == "reference":
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
         else:
             torch.onnx.export(model, (x,), path, dynamo=True, opset_version=23, verbose=False)
 
 
-def runner(path: str, size, onnx_file: str, device: str = "cpu"):
+def runner(path: str, size, model_file: str, device: str = "cpu"):
     """A callable running one forward on a fixed input, for the given path."""
     h, w = size
     x = torch.randn(1, 3, h, w, device=device)
@@ -100,22 +107,22 @@ def runner(path: str, size, onnx_file: str, device: str = "cpu"):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(onnx_file, opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model_file, opts, providers=["CPUExecutionProvider"])
         name, arr = sess.get_inputs()[0].name, x.numpy()
         return lambda: sess.run(None, {name: arr})[0]
     if path.startswith("openvino"):
         import openvino as ov
 
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(onnx_file), "CPU")
+        compiled = core.compile_model(core.read_model(model_file), "CPU")
         arr = x.numpy()
         return lambda: compiled(arr)[0]
     raise ValueError(path)
 
 
-def child(path: str, size_text: str, repeats: int, onnx_file: str, device: str = "cpu") -> None:
+def child(path: str, size_text: str, repeats: int, model_file: str, device: str = "cpu") -> None:
     size = tuple(map(int, size_text.split("x")))
-    run = runner(path, size, onnx_file, device)
+    run = runner(path, size, model_file, device)
     import gc
 
     gc.collect()
@@ -222,7 +229,7 @@ def main(argv=None):
     if args.out is None:
         args.out = os.path.join(HERE, "results", f"inference_{args.device}.json")
     if args.export:
-        export_onnx(args.export[0], tuple(map(int, args.export[1].split("x"))), args.export[2])
+        export_model(args.export[0], tuple(map(int, args.export[1].split("x"))), args.export[2])
         return
     from danet_ext import hardware
 
@@ -247,14 +254,15 @@ def main(argv=None):
                 rows.append({"path": path, "size": size, "skipped": why})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            onnx_file = ""
+            model_file = ""
             if path.startswith(("onnxruntime", "openvino")):
-                form = "reference" if path.endswith("reference") else "sdpa"
-                onnx_file = os.path.join(tmp, f"danet_{form}_{size}.onnx")
+                form = ("reference" if path.endswith("reference") else "export") + (
+                    "-openvino" if path.startswith("openvino") else "-onnx")
+                model_file = os.path.join(tmp, f"danet_{form}_{size}" + (".xml" if path.startswith("openvino") else ".onnx"))
                 if form not in exported:
                     start = time.perf_counter()
                     res = subprocess.run([sys.executable, __file__, "--export",
-                                          "reference" if form == "reference" else "auto", size, onnx_file],
+                                          "reference" if form.startswith("reference") else "auto", size, model_file],
                                          capture_output=True, text=True)
                     exported[form] = "" if res.returncode == 0 else (
                         "the export was killed (out of memory)" if res.returncode == -9
@@ -265,7 +273,7 @@ def main(argv=None):
                     rows.append({"path": path, "size": size, "failed": exported[form]})
                     print(json.dumps(rows[-1]), flush=True)
                     continue
-            res = subprocess.run([sys.executable, __file__, "--child", path, size, str(args.repeats), onnx_file,
+            res = subprocess.run([sys.executable, __file__, "--child", path, size, str(args.repeats), model_file,
                                   args.device], capture_output=True, text=True)
             if res.returncode != 0:
                 row = {"path": path, "size": size, "failed": "killed (out of memory)" if res.returncode == -9

@@ -139,8 +139,10 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
 
 
 def _exporting() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or _onnx_exporting()
+
+
+def _onnx_exporting() -> bool:
     onnx = getattr(torch, "onnx", None)
     return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
@@ -176,12 +178,17 @@ def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
 # there). backend="extension" always takes the kernel.
 AUTO_REFERENCE_MAX_POSITIONS = 2048
 
-# Exported models (ONNX, OpenVINO) carry position attention as one fused attention
-# operation per block of this many queries. Neither runtime's CPU attention avoids the
-# score matrix: on a 2-core EPYC at 128 x 256 positions (a 1024 x 2048 image), one
-# operation for all queries held 8.5 GiB in ONNX Runtime (17.5 s) and 2.2 GiB in
-# OpenVINO (bfloat16, 3.6 s); blocks of 1024 queries held 0.42 and 0.29 GiB, in 13.8 s
-# and 3.7 s. The memory is then O(N): 1024 x N scores at a time.
+# Exported models carry position attention one block of this many queries at a time,
+# each against every key: ONNX as MatMul, Softmax, MatMul (reference.position_attention_blocked),
+# OpenVINO's conversion (a trace) as its fused ScaledDotProductAttention
+# (reference.position_attention_sdpa). Neither runtime's CPU attention avoids holding the
+# scores. Measured on a 2-core EPYC, position attention alone (Cq = 64, C = 512): at
+# 128 x 256 positions (a 1024 x 2048 image) one fused node for all queries held 8.5 GiB in
+# ONNX Runtime (17.5 s) and 2.2 GiB in OpenVINO (bfloat16, 3.6 s); blocks of 1024 queries
+# held 0.42 and 0.29 GiB (13.8 and 3.7 s; 512: 0.36 GiB, 14.1 s; 2048: 0.66 GiB, 14.2 s). At
+# 64 x 128, ONNX Runtime's fused Attention took 0.86 s in blocks where MatMul, Softmax, MatMul
+# took 0.42 s (0.47 s unblocked, 0.57 GiB against 0.11), hence that form for ONNX; OpenVINO
+# ran both in 0.22 s. The memory is O(N): 1024 x N scores at a time.
 EXPORT_QUERY_BLOCK = 1024
 
 
@@ -253,7 +260,9 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor, *, backend: st
         check_position_attention_inputs(query, key, value)
     query, key, value = _autocast(query, key, value)
     if backend != "reference" and _exporting():
-        # fused attention ops in the export, one per block of queries: the runtimes hold their scores
+        if _onnx_exporting():  # MatMul, Softmax, MatMul per block of queries
+            return reference.position_attention_blocked(query, key, value, EXPORT_QUERY_BLOCK)
+        # traces (OpenVINO's conversion): its fused ScaledDotProductAttention, per block of queries
         return reference.position_attention_sdpa(query, key, value, query_block=EXPORT_QUERY_BLOCK)
     if use_kernel(backend, (query, key, value), "position_attention"):
         return torch.ops.danet_ext.position_attention_forward(query, key, value)[0]

@@ -30,6 +30,22 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     return out.view(B, C, H, W)
 
 
+def position_attention_blocked(query: Tensor, key: Tensor, value: Tensor, query_block: int) -> Tensor:
+    """The same maths as position_attention (matmul, softmax, matmul), one block of
+    `query_block` queries at a time against every key, the outputs concatenated: the
+    form exported ONNX models carry, so that a runtime holds query_block x N scores
+    at a time instead of N x N."""
+    B, C, H, W = value.shape
+    n = H * W
+    proj_query = query.reshape(B, -1, n).permute(0, 2, 1)  # B x N x Cq
+    proj_key = key.reshape(B, -1, n)  # B x Cq x N
+    proj_value_t = value.reshape(B, C, n).permute(0, 2, 1)  # B x N x C
+    blocks = [torch.bmm(torch.softmax(torch.bmm(proj_query[:, i:i + query_block], proj_key), dim=-1), proj_value_t)
+              for i in range(0, n, query_block)]  # each B x block x C
+    out = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+    return out.permute(0, 2, 1).reshape(B, C, H, W)
+
+
 def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, query_block: Optional[int] = None) -> Tensor:
     """The same maths as position_attention, written as scaled_dot_product_attention
     (one head, scale 1, value width C against query/key width Cq). This is the form

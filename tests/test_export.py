@@ -1,5 +1,6 @@
-"""`danet-ext export`: ONNX and OpenVINO models whose position attention is fused
-attention operations (one per block of queries), and whose outputs match PyTorch's."""
+"""`danet-ext export`: ONNX and OpenVINO models whose position attention runs one block
+of queries at a time (ONNX: MatMul, Softmax, MatMul; OpenVINO: its fused attention), and
+whose outputs match PyTorch's."""
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ def checkpoint(tmp_path):
     return save_tiny_checkpoint(tmp_path / "tiny.pt", width=16)
 
 
-def test_onnx_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
+def test_onnx_export_matches(tmp_path, checkpoint):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     model, ckpt = checkpoint
@@ -29,8 +30,8 @@ def test_onnx_export_has_one_fused_attention_and_matches(tmp_path, checkpoint):
     moved.write_bytes(out.read_bytes())
     out.unlink()
     node_types = [n.op_type for n in onnx.load(str(moved)).graph.node]
-    # 9 x 12 positions, one block of queries; CAM's C x C softmax the only Softmax
-    assert node_types.count("Attention") == 1 and node_types.count("Softmax") == 1
+    # 9 x 12 positions, one block of queries: PAM's Softmax and CAM's C x C one
+    assert node_types.count("Softmax") == 2 and node_types.count("Attention") == 0
     x = torch.rand(1, 3, 72, 96)
     sess = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
@@ -85,11 +86,13 @@ def test_export_out_that_is_a_directory(tmp_path, checkpoint, fmt):
 
 
 @pytest.mark.parametrize("block", [7, 40, 64])
-def test_blocked_sdpa_form_is_the_reference(block):
+def test_blocked_export_forms_are_the_reference(block):
     q, k = torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
     v = torch.randn(2, 6, 5, 8, dtype=torch.float64)
-    got = reference.position_attention_sdpa(q, k, v, query_block=block)
-    torch.testing.assert_close(got, reference.position_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    expected = reference.position_attention(q, k, v)
+    torch.testing.assert_close(reference.position_attention_sdpa(q, k, v, query_block=block), expected,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.position_attention_blocked(q, k, v, block), expected, rtol=1e-12, atol=1e-12)
 
 
 class PositionAttentionOnly(nn.Module):
@@ -97,13 +100,17 @@ class PositionAttentionOnly(nn.Module):
         return danet_ext.position_attention(q, k, v)
 
 
+def _pam_inputs():
+    return torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 8, 5, 8)  # 40 queries
+
+
 def test_onnx_export_splits_the_queries_into_blocks(tmp_path, monkeypatch):
-    """Each block of EXPORT_QUERY_BLOCK queries is one Attention node, so a runtime holds that
-    many rows of scores at a time (O(N)), not N x N; the outputs still match."""
+    """Each block of EXPORT_QUERY_BLOCK queries is one MatMul, Softmax, MatMul, so a runtime holds
+    that many rows of scores at a time (O(N)), not N x N; the outputs still match."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     monkeypatch.setattr(ops, "EXPORT_QUERY_BLOCK", 16)
-    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 8, 5, 8)
+    q, k, v = _pam_inputs()
     path = str(tmp_path / "pam.onnx")
     import warnings
     with warnings.catch_warnings():
@@ -111,7 +118,20 @@ def test_onnx_export_splits_the_queries_into_blocks(tmp_path, monkeypatch):
         torch.onnx.export(PositionAttentionOnly(), (q, k, v), path, dynamo=True, opset_version=23,
                           verbose=False, external_data=False)
     types = [n.op_type for n in onnx.load(path).graph.node]
-    assert types.count("Attention") == 3 and types.count("Softmax") == 0  # 40 queries: 16 + 16 + 8
+    assert types.count("Softmax") == 3 and types.count("MatMul") == 6  # 40 queries: 16 + 16 + 8
+    assert types.count("Attention") == 0
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], (q.numpy(), k.numpy(), v.numpy()))))[0]
     np.testing.assert_allclose(got, reference.position_attention(q, k, v).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_openvino_conversion_splits_the_queries_into_fused_blocks(monkeypatch):
+    ov = pytest.importorskip("openvino")
+    monkeypatch.setattr(ops, "EXPORT_QUERY_BLOCK", 16)
+    q, k, v = _pam_inputs()
+    converted = ov.convert_model(PositionAttentionOnly(), example_input=(q, k, v))
+    types = [op.get_type_name() for op in converted.get_ops()]
+    assert types.count("ScaledDotProductAttention") == 3 and types.count("Softmax") == 0
+    got = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        [q.numpy(), k.numpy(), v.numpy()])[0]
+    np.testing.assert_allclose(got, reference.position_attention(q, k, v).numpy(), rtol=1e-4, atol=1e-4)
