@@ -15,9 +15,9 @@ Paths (each in a fresh process, so times and peak memory do not mix):
   onnxruntime-export       ONNX Runtime (CPU), the model as danet_ext exports it to ONNX (opset 23; position
                            attention as MatMul/Softmax/MatMul per block of 1024 queries)
   onnxruntime-reference    ONNX Runtime, the official attention exported as MatMul/Softmax/MatMul (N x N)
-  openvino-export          OpenVINO (CPU, default hints), the model converted by openvino.convert_model
-                           as danet_ext exports it (ScaledDotProductAttention per block of 1024 queries)
-  openvino-reference       OpenVINO, the official attention converted the same way
+  openvino-export          OpenVINO (CPU, default hints), reading that ONNX file, as danet-ext export
+                           --format openvino converts it
+  openvino-reference       OpenVINO, reading the official attention's ONNX file
 
 --device cuda (a GPU machine; `make gpu-suite` runs it) takes the GPU paths instead: eager-float32,
 optimized-float32, optimized-float16 (autocast), optimized-bfloat16 (autocast), optimized-float16-refattn
@@ -60,7 +60,7 @@ def build_model(backend="auto"):
 
 def export_model(backend: str, size, path: str) -> None:
     """danet_ext's export form (backend "auto") or the official attention ("reference"), as an
-    ONNX file or, for a path ending in .xml, an OpenVINO model converted from PyTorch."""
+    ONNX file (which the OpenVINO rows read too)."""
     import warnings
 
     h, w = size
@@ -68,11 +68,7 @@ def export_model(backend: str, size, path: str) -> None:
     x = torch.randn(1, 3, h, w)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if path.endswith(".xml"):
-            import openvino as ov
-
-            ov.save_model(ov.convert_model(model, example_input=x), path)
-        elif backend == "reference":
+        if backend == "reference":
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
         else:
             torch.onnx.export(model, (x,), path, dynamo=True, opset_version=23, verbose=False)
@@ -256,13 +252,12 @@ def main(argv=None):
                 continue
             model_file = ""
             if path.startswith(("onnxruntime", "openvino")):
-                form = ("reference" if path.endswith("reference") else "export") + (
-                    "-openvino" if path.startswith("openvino") else "-onnx")
-                model_file = os.path.join(tmp, f"danet_{form}_{size}" + (".xml" if path.startswith("openvino") else ".onnx"))
+                form = "reference" if path.endswith("reference") else "export"
+                model_file = os.path.join(tmp, f"danet_{form}_{size}.onnx")
                 if form not in exported:
                     start = time.perf_counter()
                     res = subprocess.run([sys.executable, __file__, "--export",
-                                          "reference" if form.startswith("reference") else "auto", size, model_file],
+                                          "reference" if form == "reference" else "auto", size, model_file],
                                          capture_output=True, text=True)
                     exported[form] = "" if res.returncode == 0 else (
                         "the export was killed (out of memory)" if res.returncode == -9

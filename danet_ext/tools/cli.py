@@ -6,7 +6,7 @@
     danet-ext demo                      train a small DANet on synthetic shapes, then compare backends
     danet-ext segment --checkpoint F --image IMG --out OUT.png   colour overlay of a prediction
     danet-ext evaluate --checkpoint F --data DIR [--scales ...] [--flip]   mIoU on a folder dataset
-    danet-ext export --checkpoint F --format onnx|openvino --out FILE   deployment model, fused attention
+    danet-ext export --checkpoint F --format onnx|openvino --out FILE   deployment model, O(N) attention
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def cmd_export(args) -> int:
     except OSError as exc:  # e.g. the model cannot be written
         raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from exc
     err = result["max_abs_diff_vs_pytorch"]
-    print(f"wrote {result['out']} ({args.format}, input 1x3x{size[0]}x{size[1]}); fused attention: "
+    print(f"wrote {result['out']} ({args.format}, input 1x3x{size[0]}x{size[1]}); attention operations: "
           f"{result['attention_ops']}; max |difference| from PyTorch on a random image: "
           f"{'not checked (onnxruntime missing)' if err is None else f'{err:.2e}'}")
     return 0
@@ -293,12 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("export", help="a checkpoint as an ONNX or OpenVINO model with fused attention",
+    s = sub.add_parser("export", help="a checkpoint as an ONNX or OpenVINO model whose attention holds O(N) memory",
                        formatter_class=fmt)
     s.add_argument("--checkpoint", required=True,
                    help="from `danet-ext demo`, examples/train.py, or an official DANet state dict")
     s.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
-                   help="onnx: opset 23 with a fused Attention node; openvino: IR (.xml + .bin)")
+                   help="onnx: opset 23, position attention as MatMul/Softmax/MatMul per block of 1024 queries; "
+                        "openvino: IR (.xml + .bin) with ScaledDotProductAttention per block")
     s.add_argument("--out", required=True, help="file to write (.onnx, or .xml for openvino)")
     s.add_argument("--input-size", default="512x1024", help="input height x width the model is exported for")
     s.add_argument("--num-classes", type=int, default=None, help="None means what the checkpoint shows")
