@@ -179,9 +179,11 @@ def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
 AUTO_REFERENCE_MAX_POSITIONS = 2048
 
 # Exported models carry position attention one block of this many queries at a time,
-# each against every key: ONNX as MatMul, Softmax, MatMul (reference.position_attention_blocked),
-# OpenVINO's conversion (a trace) as its fused ScaledDotProductAttention
-# (reference.position_attention_sdpa). Neither runtime's CPU attention avoids holding the
+# each against every key: ONNX as MatMul, Softmax, MatMul (reference.position_attention_blocked;
+# `danet-ext export --format openvino` converts that ONNX form), traces such as OpenVINO's own
+# conversion from PyTorch as scaled_dot_product_attention, which OpenVINO makes its fused
+# ScaledDotProductAttention (reference.position_attention_sdpa). The number of blocks is fixed
+# at trace or export time, so an export serves its input size. Neither runtime's CPU attention avoids holding the
 # scores. Measured on a 2-core EPYC, position attention alone (Cq = 64, C = 512): at
 # 128 x 256 positions (a 1024 x 2048 image) one fused node for all queries held 8.5 GiB in
 # ONNX Runtime (17.5 s) and 2.2 GiB in OpenVINO (bfloat16, 3.6 s); blocks of 1024 queries

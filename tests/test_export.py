@@ -1,6 +1,7 @@
 """`danet-ext export`: ONNX and OpenVINO models whose position attention runs one block
-of queries at a time (ONNX: MatMul, Softmax, MatMul; OpenVINO: its fused attention), and
-whose outputs match PyTorch's."""
+of queries at a time (MatMul, Softmax, MatMul; OpenVINO's model converted from that ONNX
+form), and whose outputs match PyTorch's. Traces (OpenVINO's own conversion from PyTorch)
+get scaled_dot_product_attention per block."""
 
 import numpy as np
 import pytest

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="from `danet-ext demo`, examples/train.py, or an official DANet state dict")
     s.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
                    help="onnx: opset 23, position attention as MatMul/Softmax/MatMul per block of 1024 queries; "
-                        "openvino: IR (.xml + .bin) with ScaledDotProductAttention per block")
+                        "openvino: IR (.xml + .bin) converted from that ONNX form")
     s.add_argument("--out", required=True, help="file to write (.onnx, or .xml for openvino)")
     s.add_argument("--input-size", default="512x1024", help="input height x width the model is exported for")
     s.add_argument("--num-classes", type=int, default=None, help="None means what the checkpoint shows")

@@ -65,6 +65,10 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "onnx", size: Tuple[
     import warnings
 
     check_out_path(out, fmt)
+    # every package this format needs, before the model is loaded and run
+    _require("onnx", fmt)
+    _require("onnxscript", fmt)
+    ov = _require("openvino", fmt) if fmt == "openvino" else None
     model = load_model(checkpoint, num_classes, backbone, verbose=verbose)
     fold_batch_norms(model)
     wrapped = MainOutput(model).eval()
@@ -75,15 +79,12 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "onnx", size: Tuple[
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _require("onnx", fmt)
-        _require("onnxscript", fmt)
         if fmt == "onnx":
             _export_onnx(wrapped, x, out)
             got = _run_onnx(out, x.numpy())
         else:
             # through the ONNX form: OpenVINO converted from PyTorch directly (its fused attention per
             # block) held 3.1 GiB at 1024 x 2048 where the ONNX form holds 0.7 GiB, and was no faster
-            ov = _require("openvino", fmt)
             with tempfile.TemporaryDirectory(prefix="danet-export-") as tmp:
                 onnx_path = os.path.join(tmp, "model.onnx")
                 _export_onnx(wrapped, x, onnx_path)
