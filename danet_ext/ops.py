@@ -183,8 +183,8 @@ AUTO_REFERENCE_MAX_POSITIONS = 2048
 # `danet-ext export --format openvino` converts that ONNX form), traces such as OpenVINO's own
 # conversion from PyTorch as scaled_dot_product_attention, which OpenVINO makes its fused
 # ScaledDotProductAttention (reference.position_attention_sdpa). The number of blocks is fixed
-# at trace or export time, so an export serves its input size. Neither runtime's CPU attention avoids holding the
-# scores. Measured on a 2-core EPYC, position attention alone (Cq = 64, C = 512): at
+# at trace or export time, so an export serves its input size. Neither runtime's CPU
+# attention avoids holding the scores. Measured on a 2-core EPYC, position attention alone (Cq = 64, C = 512): at
 # 128 x 256 positions (a 1024 x 2048 image) one fused node for all queries held 8.5 GiB in
 # ONNX Runtime (17.5 s) and 2.2 GiB in OpenVINO (bfloat16, 3.6 s); blocks of 1024 queries
 # held 0.42 and 0.29 GiB (13.8 and 3.7 s; 512: 0.36 GiB, 14.1 s; 2048: 0.66 GiB, 14.2 s). At

@@ -49,9 +49,9 @@ def position_attention_blocked(query: Tensor, key: Tensor, value: Tensor, query_
 def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, query_block: Optional[int] = None) -> Tensor:
     """The same maths as position_attention, written as scaled_dot_product_attention
     (one head, scale 1, value width C against query/key width Cq). This is the form
-    exported models carry: ONNX (opset 23 `Attention`) and OpenVINO
-    (`ScaledDotProductAttention`) get a fused attention operation instead of an
-    explicit N x N softmax.
+    traces carry (ops.position_attention under torch.jit.trace, as in OpenVINO's
+    conversion from PyTorch, which makes it its fused `ScaledDotProductAttention`);
+    ONNX export takes position_attention_blocked.
 
     query_block: with N above it, one attention call per block of that many queries
     (each against every key; the outputs concatenated), so that a runtime that
