@@ -112,7 +112,8 @@ def build_info() -> dict:
         least = winograd.min_channels_for(dtype)
         return ("oneDNN" if least is None else
                 f"Winograd F(4x4, 3x3){how} for 3x3 stride-1 convolutions with >= {least} input channels, "
-                f"oneDNN otherwise")
+                f"oneDNN otherwise (and for dilated ones on maps where under "
+                f"{winograd.min_tile_efficiency(dtype):.0%} of the tile outputs fall inside, see winograd.tile_efficiency)")
 
     info["cpu_inference_convolutions"] = {
         "float32": convolutions(torch.float32, ""),

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ._build import HAVE_EXTENSION
 
@@ -67,15 +68,49 @@ def supports(conv: nn.Module) -> bool:
             and conv.weight.device.type == "cpu")
 
 
+def tile_efficiency(height: int, width: int, dilation: int) -> float:
+    """The fraction of the kernel's 4 x 4 output tiles that falls inside a height x width
+    map. A dilated convolution is tiled per residue class modulo the dilation (the outputs
+    of a tile are `dilation` apart), so a map only a few dilations wide leaves most of every
+    tile outside: DANet's layer4 at dilation 16 on a 12 x 12 map computes 144 tiles for
+    144 outputs, 1/16 of the work useful."""
+    def tiles(n: int) -> int:  # along one axis, as make_tiles in csrc/cpu/winograd_conv.cpp
+        return sum((-(-(n - q) // dilation) + 3) // 4 for q in range(min(dilation, n)))
+
+    if height < 1 or width < 1:
+        return 1.0
+    return height * width / (16 * tiles(height) * tiles(width))
+
+
+# Below this tile efficiency a dilated WinogradConv2d runs the direct convolution. Measured
+# on a 2-core EPYC (float32, 512 -> 512): efficiency 0.56 (3 or 6 outputs per residue and
+# axis) ran 0.81x to 1.29x the direct convolution's speed, 0.28 (dilation 8, 17 x 17) 0.51x,
+# 1/16 (dilation 16, 12 x 12) 0.05x; from 0.72 up Winograd was 1.15x to 2.5x faster.
+MIN_TILE_EFFICIENCY = 0.5
+# bfloat16 (512 -> 512, against oneDNN's AVX512-BF16 direct convolution, which also skips
+# the taps that fall outside the map): 0.36x to 0.59x at efficiency 0.56 to 0.57, 0.74x to
+# 0.87x at 0.72 to 0.84, 0.73x to 1.22x from 0.91 up (1.02x to 1.22x at 64 x 128). With 0.9
+# the whole DANet-101 (multi-grid 4, 8, 16) ran 0.7 % to 3.4 % faster than with 0.5 from
+# 520 x 520 up (1.426 against 1.474 s at 520 x 520, 2.68 against 2.71 s at 512 x 1024).
+MIN_TILE_EFFICIENCY_BFLOAT16 = 0.9
+
+
+def min_tile_efficiency(dtype: torch.dtype) -> float:
+    """The tile efficiency below which a dilated WinogradConv2d in `dtype` runs directly."""
+    return MIN_TILE_EFFICIENCY_BFLOAT16 if dtype == torch.bfloat16 else MIN_TILE_EFFICIENCY
+
+
 class WinogradConv2d(nn.Module):
     """A Conv2d (see `supports`) computed by Winograd's F(4x4, 3x3), for inference: no
     gradients (backward raises), float32 or bfloat16 CPU tensors (the dtype of the weights it
     was made from; not under autocast), and forward hooks of the convolution it replaces
-    are not carried over. Holds the transformed filters,
-    4x the memory of the 3 x 3 weights, and not the original ones (DANet-101 in float32:
-    about 0.7 GB instead of 0.18 GB). Faster than the direct convolution from about 32 x 32
-    positions up (DANet's features of a 256 x 256 image); on smaller maps its few tiles make
-    thin GEMMs that stream the whole transformed filter, and it can be 1.3x to 2x slower."""
+    are not carried over. Holds the transformed filters, 4x the memory of the 3 x 3 weights
+    (DANet-101 in float32: about 0.7 GB instead of 0.18 GB). A dilated one also keeps the
+    3 x 3 weights (DANet-101: 83 MB more in float32) and runs the direct convolution on maps
+    where most of its tiles would fall outside the map (tile_efficiency below
+    min_tile_efficiency(dtype): maps a few dilations wide, such as layer4's at dilation 16 on
+    images under 384 x 384). Faster than the direct convolution from about 16 x 16
+    positions up at dilation 1 and 2, and at every size at 2048 input channels."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -87,12 +122,19 @@ class WinogradConv2d(nn.Module):
         self.dtype = conv.weight.dtype  # what it takes and returns; the arithmetic is float32
         self.register_buffer("filters", transform_filters(conv.weight))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().contiguous())
+        # the direct convolution's weights, for maps too small for the dilated tiles
+        self.register_buffer("weight", conv.weight.detach() if self.dilation > 1 else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"danet_ext: WinogradConv2d expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if x.dtype != self.dtype or x.device.type != "cpu":
             raise ValueError(f"danet_ext: this WinogradConv2d runs {self.dtype} CPU tensors, got {x.dtype} on {x.device}")
+        if self.weight is not None and (tile_efficiency(x.shape[2], x.shape[3], self.dilation)
+                                        < min_tile_efficiency(self.dtype)):
+            bias = None if self.bias is None else self.bias.to(self.dtype)  # exact: it was self.dtype
+            return F.conv2d(x, self.weight, bias, padding=self.dilation, dilation=self.dilation).contiguous(
+                memory_format=torch.channels_last)
         if self.dtype == torch.float32:
             return winograd_conv3x3(x, self.filters, self.bias, self.dilation)
         # bfloat16 in and out, float32 inside (exact widening, one rounding of the output, as

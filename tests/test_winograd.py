@@ -22,7 +22,9 @@ def relative_error(got, expected):
 @pytest.mark.parametrize("c_in,c_out,h,w,dilation", [
     (3, 5, 7, 9, 1), (3, 5, 7, 9, 2), (8, 4, 13, 17, 3), (8, 4, 1, 1, 1), (8, 4, 2, 3, 5),
     (70, 65, 9, 11, 2), (16, 16, 20, 20, 16), (129, 64, 12, 8, 4), (64, 129, 5, 21, 1)])
-def test_matches_the_direct_convolution(threads, c_in, c_out, h, w, dilation):
+def test_matches_the_direct_convolution(threads, c_in, c_out, h, w, dilation, monkeypatch):
+    monkeypatch.setattr(danet_ext.winograd, "MIN_TILE_EFFICIENCY", 0.0)  # the kernel on every map
+    monkeypatch.setattr(danet_ext.winograd, "MIN_TILE_EFFICIENCY_BFLOAT16", 0.0)
     torch.manual_seed(c_in * 100 + h)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -53,6 +55,52 @@ def test_chunks_of_tiles_and_nchw_input():
     with torch.no_grad():
         got = WinogradConv2d(conv)(x)
     assert relative_error(got, expected) < 5e-5
+
+
+def test_tile_efficiency_counts_the_kernels_tiles():
+    """Outputs over 16 x the tiles of csrc/cpu/winograd_conv.cpp's make_tiles (one residue
+    class modulo the dilation at a time, 4 outputs a tile along each axis)."""
+    from danet_ext.winograd import tile_efficiency
+
+    def tiles(n, r):  # counted the slow way: every output of every residue class
+        return sum(len(range(q, n, r)) // 4 + (len(range(q, n, r)) % 4 > 0) for q in range(r))
+
+    for h, w, r in ((12, 12, 16), (64, 128, 4), (33, 33, 1), (17, 17, 8), (65, 65, 16), (1, 1, 1), (5, 9, 3)):
+        assert tile_efficiency(h, w, r) == pytest.approx(h * w / (16 * tiles(h, r) * tiles(w, r)))
+    assert tile_efficiency(12, 12, 16) == pytest.approx(1 / 16)  # one output per tile
+    assert tile_efficiency(64, 128, 4) == 1.0
+    assert tile_efficiency(48, 48, 16) == pytest.approx(9 / 16)
+    assert tile_efficiency(12, 12, 2 ** 62) == pytest.approx(1 / 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_dilated_maps_take_the_direct_convolution(dtype, monkeypatch):
+    """Where most tiles would fall outside the map (layer4's dilation 16 on 12 x 12), a
+    dilated WinogradConv2d runs its kept 3 x 3 weights directly; elsewhere the kernel. Either
+    way the output is the convolution's, channels_last, in the model's dtype."""
+    calls = []
+    kernel = danet_ext.winograd.winograd_conv3x3
+    monkeypatch.setattr(danet_ext.winograd, "winograd_conv3x3", lambda *a: calls.append(a) or kernel(*a))
+    torch.manual_seed(0)
+    bfloat16 = dtype == torch.bfloat16
+    # (dilation, map, tile efficiency): float32 runs directly below 0.5, bfloat16 below 0.9
+    for dilation, h, w, efficiency in ((16, 12, 15, 1 / 16), (8, 17, 20, 0.33), (4, 24, 27, 0.63),
+                                       (16, 64, 128, 1.0), (1, 5, 8, 0.63)):
+        direct = dilation > 1 and efficiency < (0.9 if bfloat16 else 0.5)
+        conv = nn.Conv2d(32, 24, 3, padding=dilation, dilation=dilation).to(dtype)
+        module = WinogradConv2d(conv)
+        assert (module.weight is None) == (dilation == 1)
+        x = torch.randn(2, 32, h, w).to(dtype)
+        assert danet_ext.winograd.tile_efficiency(h, w, dilation) == pytest.approx(efficiency, abs=0.01)
+        calls.clear()
+        with torch.no_grad():
+            got, expected = module(x), conv(x)
+        assert len(calls) == (0 if direct else 1), (dilation, h, w)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        if direct:
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, expected, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
 
 
 def test_filter_transform_is_exact_for_a_delta():
@@ -134,12 +182,13 @@ def test_dilation_beyond_the_image_is_the_centre_tap():
         torch.testing.assert_close(got, centre, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_within_twice_the_direct_bfloat16_error():
+def test_bfloat16_within_twice_the_direct_bfloat16_error(monkeypatch):
     """bfloat16 in and out, float32 inside: the error against float64 of the same
     bfloat16 inputs and weights is that of one rounding of the output, like oneDNN's
     direct bfloat16 convolution's (at most twice it)."""
+    monkeypatch.setattr(danet_ext.winograd, "MIN_TILE_EFFICIENCY_BFLOAT16", 0.0)  # the kernel on every map
     torch.manual_seed(0)
-    for c_in, c_out, h, w, dilation in ((256, 64, 16, 24, 2), (67, 33, 9, 13, 1)):
+    for c_in, c_out, h, w, dilation in ((256, 64, 16, 24, 2), (67, 33, 9, 13, 1), (40, 8, 17, 20, 8)):
         conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation).bfloat16()
         x = torch.relu(torch.randn(2, c_in, h, w)).bfloat16()
         truth = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=dilation, dilation=dilation)
