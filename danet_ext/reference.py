@@ -40,10 +40,18 @@ def position_attention_blocked(query: Tensor, key: Tensor, value: Tensor, query_
     proj_query = query.reshape(B, -1, n).permute(0, 2, 1)  # B x N x Cq
     proj_key = key.reshape(B, -1, n)  # B x Cq x N
     proj_value_t = value.reshape(B, C, n).permute(0, 2, 1)  # B x N x C
-    blocks = [torch.bmm(torch.softmax(torch.bmm(proj_query[:, i:i + query_block], proj_key), dim=-1), proj_value_t)
-              for i in range(0, n, query_block)]  # each B x block x C
-    out = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+    out = _in_query_blocks(lambda q, k, v: torch.bmm(torch.softmax(torch.bmm(q, k), dim=-1), v),
+                           proj_query, proj_key, proj_value_t, query_block)  # B x N x C
     return out.permute(0, 2, 1).reshape(B, C, H, W)
+
+
+def _in_query_blocks(attend, q: Tensor, k: Tensor, v: Tensor, query_block: Optional[int]) -> Tensor:
+    """attend(q, k, v) for queries q (..., N, Cq), one block of `query_block` of them at a
+    time against every key (None: all at once), the outputs concatenated along the queries."""
+    n = q.shape[-2]
+    if query_block is None or n <= query_block:
+        return attend(q, k, v)
+    return torch.cat([attend(q[..., i:i + query_block, :], k, v) for i in range(0, n, query_block)], dim=-2)
 
 
 def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, query_block: Optional[int] = None) -> Tensor:
@@ -61,11 +69,7 @@ def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, query_blo
     q = query.reshape(B, 1, -1, n).transpose(-1, -2)  # B x 1 x N x Cq
     k = key.reshape(B, 1, -1, n).transpose(-1, -2)
     v = value.reshape(B, 1, C, n).transpose(-1, -2)  # B x 1 x N x C
-    if query_block is None or n <= query_block:
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    else:
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + query_block], k, v, scale=1.0)
-                         for i in range(0, n, query_block)], dim=2)
+    out = _in_query_blocks(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0), q, k, v, query_block)
     return out.transpose(-1, -2).reshape(B, C, H, W)
 
 

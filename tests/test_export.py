@@ -25,6 +25,8 @@ def test_onnx_export_matches(tmp_path, checkpoint):
     out = tmp_path / "m.onnx"
     res = run_cli("export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--input-size", "72x96")
     assert res.returncode == 0, res.stderr
+    # what it reports: PAM's one block and CAM, each a Softmax between two MatMuls, nothing fused
+    assert "attention operations: {'Softmax': 2, 'MatMul': 4, 'fused': 0}" in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tiny.pt"]  # one file, no m.onnx.data
     moved = tmp_path / "elsewhere" / "model.onnx"  # and it works copied alone
     moved.parent.mkdir()
@@ -49,6 +51,7 @@ def test_openvino_export_matches(tmp_path, checkpoint):
     res = run_cli("export", "--checkpoint", str(ckpt), "--format", "openvino", "--out", str(out),
                   "--input-size", "64x80")
     assert res.returncode == 0, res.stderr
+    assert "attention operations: {'Softmax': 2, 'MatMul': 4, 'fused': 0}" in res.stdout
     core = ov.Core()
     ir = core.read_model(str(out))
     types = [op.get_type_name() for op in ir.get_ops()]

@@ -112,15 +112,19 @@ def _run_onnx(path: str, x: np.ndarray) -> Optional[np.ndarray]:
 
 
 def attention_ops(path: str, fmt: str) -> Dict[str, int]:
-    """How many attention-related operations the exported graph holds (fused attention,
-    softmax): one per block of queries for position attention, one softmax for CAM."""
+    """The attention operations of the exported graph: position attention is one Softmax and
+    two MatMuls per block of ops.EXPORT_QUERY_BLOCK queries, channel attention one Softmax and
+    two MatMuls; "fused" counts fused attention nodes (ONNX Attention, OpenVINO
+    ScaledDotProductAttention), which a runtime may run holding every score, and is 0 for
+    what export_checkpoint writes."""
     if fmt == "onnx":
         import onnx
 
         types = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
-        return {"Attention": types.count("Attention"), "Softmax": types.count("Softmax")}
-    import openvino as ov
+        fused = types.count("Attention")
+    else:
+        import openvino as ov
 
-    types = [op.get_type_name() for op in ov.Core().read_model(path).get_ops()]
-    return {"ScaledDotProductAttention": types.count("ScaledDotProductAttention"),
-            "Softmax": types.count("Softmax")}
+        types = [op.get_type_name() for op in ov.Core().read_model(path).get_ops()]
+        fused = types.count("ScaledDotProductAttention")
+    return {"Softmax": types.count("Softmax"), "MatMul": types.count("MatMul"), "fused": fused}
