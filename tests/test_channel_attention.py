@@ -63,6 +63,20 @@ def test_cpu_gram_blocking_for_any_thread_count(threads, C):
     torch.testing.assert_close(grad, truth_grad, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("threads,C", [(17, 2200), (36, 4610)])
+def test_cpu_gram_blocking_for_many_threads(threads, C):
+    # Many threads (oversubscribed here): 34 block rows of 65 at 17 threads, and at 36
+    # threads 72 block rows of 65 whose last one starts past C = 4610 and must be skipped.
+    x = torch.randn(1, C, 5, 7, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ext_channel_attention(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, reference.channel_attention(x), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B,C,HW", [(2, 64, (33, 31)), (1, 512, (64, 64)), (2, 3, (5, 7))])
 def test_float32_within_twice_pytorch_error(device, B, C, HW):
