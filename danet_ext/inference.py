@@ -255,6 +255,8 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
             bfloat16 on CPUs with AVX512-BF16 but not AMX, the same in float32 for the
             convolutions with 512 input channels and more (layer4, conv5a/c, conv51/52),
             where it is faster than the direct bfloat16 convolution and as accurate.
+            Dilated ones keep their 3 x 3 weights too and run directly on maps too small
+            for their tiles (winograd.tile_efficiency).
         keep_memory: on the CPU, call keep_freed_memory(): glibc then keeps freed
             activations for the next forward instead of page-faulting them in afresh (5 to
             9 % faster at 1024x2048, ~0.6 GiB more resident). A process-wide setting, so

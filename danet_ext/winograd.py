@@ -69,7 +69,7 @@ def supports(conv: nn.Module) -> bool:
 
 
 def tile_efficiency(height: int, width: int, dilation: int) -> float:
-    """The fraction of the kernel's 4 x 4 output tiles that falls inside a height x width
+    """The fraction of the kernel's 4 x 4 tile outputs that fall inside a height x width
     map. A dilated convolution is tiled per residue class modulo the dilation (the outputs
     of a tile are `dilation` apart), so a map only a few dilations wide leaves most of every
     tile outside: DANet's layer4 at dilation 16 on a 12 x 12 map computes 144 tiles for
@@ -106,11 +106,14 @@ class WinogradConv2d(nn.Module):
     was made from; not under autocast), and forward hooks of the convolution it replaces
     are not carried over. Holds the transformed filters, 4x the memory of the 3 x 3 weights
     (DANet-101 in float32: about 0.7 GB instead of 0.18 GB). A dilated one also keeps the
-    3 x 3 weights (DANet-101: 83 MB more in float32) and runs the direct convolution on maps
-    where most of its tiles would fall outside the map (tile_efficiency below
-    min_tile_efficiency(dtype): maps a few dilations wide, such as layer4's at dilation 16 on
-    images under 384 x 384). Faster than the direct convolution from about 16 x 16
-    positions up at dilation 1 and 2, and at every size at 2048 input channels."""
+    3 x 3 weights (DANet-101: 80 MB more in float32, 14 MB in bfloat16, where only layer4's
+    are swapped) and runs the direct convolution on maps where most of its tiles' outputs
+    would fall outside the map (tile_efficiency below min_tile_efficiency(dtype)). That
+    depends on the map's size modulo 4 x the dilation, not only on its size: in float32
+    DANet's layer4 at dilation 16 runs directly for images up to 360 px and from 593 to 720 px
+    (at output stride 8). At dilation 1 there is no fallback: it is faster than the direct
+    convolution from about 16 x 16 positions up, and can be slower below that (DANet's
+    features of images under about 128 px)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
