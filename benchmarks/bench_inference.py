@@ -1,5 +1,6 @@
 """The main job's speed: a full DANet-ResNet-101 forward (inference, output stride 8,
-19 classes, batch 1) through every path a user could take, measured in one run.
+19 classes, deep stem, multi-grid 4, 8, 16 as the released Cityscapes model, batch 1)
+through every path a user could take, measured in one run.
 
 Paths (each in a fresh process, so times and peak memory do not mix):
   eager-float32            the model as trained: float32, NCHW (what `segment` did before)
@@ -55,7 +56,9 @@ def build_model(backend="auto"):
     from danet_ext import DANet
 
     torch.manual_seed(0)
-    return DANet(19, backbone="resnet101", aux=False, backend=backend).eval()
+    # the released Cityscapes DANet-101 as load_official_checkpoint builds it: deep stem,
+    # layer4 at multi-grid dilations 4, 8, 16
+    return DANet(19, backbone="resnet101", deep_stem=True, multi_grid=(4, 8, 16), aux=False, backend=backend).eval()
 
 
 def export_model(backend: str, size, path: str) -> None:
