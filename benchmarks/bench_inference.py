@@ -66,8 +66,15 @@ def export_model(backend: str, size, path: str) -> None:
     ONNX file (which the OpenVINO rows read too)."""
     import warnings
 
+    from danet_ext.inference import fold_batch_norms
+
     h, w = size
     model = build_model(backend)
+    # BatchNorm folded, as `danet-ext export` does (the runtimes fold it themselves, so their
+    # graphs run the same): the TorchScript exporter keeps every traced activation alive, and
+    # with the BatchNorm outputs too the official attention's export at 1024x2048 (its N x N
+    # scores included) was killed at 24 GiB
+    fold_batch_norms(model)
     x = torch.randn(1, 3, h, w)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

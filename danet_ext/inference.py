@@ -261,12 +261,13 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
             activations for the next forward instead of page-faulting them in afresh (5 to
             9 % faster at 1024x2048, ~0.6 GiB more resident). A process-wide setting, so
             off by default here; the CLI's segment and evaluate turn it on.
-        compile: run through torch.compile (inductor, freezing). On the CPU it no longer
-            pays off since the Winograd convolutions (opaque to inductor): measured on a
-            2-core AMD EPYC (AVX512-BF16) on 2026-11-30, DANet-ResNet-101 at 512x1024 took
-            2.85 s in bfloat16 and 4.27 s in float32 a forward, against 2.75 and 4.07 s
-            eager, after first calls of 13-14 s. Each new input size compiles again
-            (forward(x, eager=True) runs a one-off size without it). Off by default.
+        compile: run through torch.compile (inductor, freezing). On the CPU it pays off
+            little since the Winograd convolutions (opaque to inductor): measured on a
+            2-core AMD EPYC (AVX512-BF16) on 2026-12-01, the released DANet-ResNet-101 at
+            512x1024 took 2.76 s in bfloat16 and 3.95 s in float32 a forward, against 2.84
+            and 4.21 s eager, after first calls of 11-12 s (on 2026-11-30, with a 7 x 7 stem,
+            0 to 3 % either way). Each new input size compiles again (forward(x, eager=True)
+            runs a one-off size without it). Off by default.
     Returns:
         an InferenceModel whose forward takes images and returns float32 outputs.
     """
