@@ -81,7 +81,9 @@ def export_model(backend: str, size, path: str) -> None:
         if backend == "reference":
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
         else:
-            torch.onnx.export(model, (x,), path, dynamo=True, opset_version=23, verbose=False)
+            from danet_ext.tools.export import export_onnx
+
+            export_onnx(model, x, path)
 
 
 def runner(path: str, size, model_file: str, device: str = "cpu"):

@@ -80,14 +80,14 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "onnx", size: Tuple[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
-            _export_onnx(wrapped, x, out)
+            export_onnx(wrapped, x, out)
             got = _run_onnx(out, x.numpy())
         else:
             # through the ONNX form: OpenVINO converted from PyTorch directly (its fused attention per
             # block) held 3.1 GiB at 1024 x 2048 where the ONNX form holds 0.7 GiB, and was no faster
             with tempfile.TemporaryDirectory(prefix="danet-export-") as tmp:
                 onnx_path = os.path.join(tmp, "model.onnx")
-                _export_onnx(wrapped, x, onnx_path)
+                export_onnx(wrapped, x, onnx_path)
                 ov.save_model(ov.convert_model(onnx_path), out)
             compiled = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             got = compiled(x.numpy())[0]
@@ -96,7 +96,9 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "onnx", size: Tuple[
             "attention_ops": attention_ops(out, fmt)}
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
+def export_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
+    """`model` at the input `x` as the ONNX file `danet-ext export` writes (the dynamo exporter,
+    opset 23; the benchmark's export rows use it too)."""
     # one self-contained file (no <path>.data beside it): DANet's weights are far below ONNX's 2 GB limit
     torch.onnx.export(model, (x,), path, dynamo=True, opset_version=23, verbose=False,
                       input_names=["image"], output_names=["logits"], external_data=False)
