@@ -159,6 +159,14 @@ def test_non_contiguous_channels_last_and_empty(device):
                                rtol=1e-5, atol=1e-5)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)
     torch.testing.assert_close(danet_ext.channel_attention(xt), expected, rtol=1e-5, atol=1e-5)
+    # gradients of strided inputs, with gradients of the output that are strided too, come
+    # back equal to the reference's (a kernel writing NCHW order into NHWC strides would not)
+    grad_out = torch.randn_like(x)
+    _, expected_grad = grads_of(reference.channel_attention, x, grad_out)
+    for strided in (x.to(memory_format=torch.channels_last), xt):
+        for g in (grad_out.to(memory_format=torch.channels_last), grad_out.transpose(2, 3).contiguous().transpose(2, 3)):
+            _, grad = grads_of(danet_ext.channel_attention, strided, g)
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * expected_grad.abs().max().item())
     assert danet_ext.channel_attention(torch.randn(0, 8, 3, 3, device=device)).shape == (0, 8, 3, 3)
     # one channel: the softmax over one entry is 1, so out == x
     x1 = torch.randn(2, 1, 3, 3, device=device)
@@ -233,14 +241,22 @@ def set_cpu_bf16_path(monkeypatch, path):
         monkeypatch.setenv(name, value)
 
 
+CPU_BF16_CASES = [(2, 16, (9, 13), False), (1, 64, (48, 48), True), (1, 512, (32, 32), True),
+                  (3, 5, (1, 1), False), (1, 77, (13, 11), True), (2, 130, (7, 9), True),
+                  (1, 40, (37, 41), False)]
+
+
 @pytest.mark.parametrize("path", CPU_BF16_PATHS)
-@pytest.mark.parametrize("B,C,HW,relu", [(2, 16, (9, 13), False), (1, 64, (48, 48), True),
-                                         (1, 512, (32, 32), True), (3, 5, (1, 1), False),
-                                         (1, 77, (13, 11), True), (2, 130, (7, 9), True)])
+@pytest.mark.parametrize("B,C,HW,relu", CPU_BF16_CASES)
 def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, C, HW, relu):
     # post-ReLU features, as in DANet, give Gram entries in the hundreds to thousands;
     # (48, 48): 2304 positions, more than one slice of the bfloat16 Gram product and many
-    # depth chunks of the AVX512-BF16 one; C = 77 and 130: partial panels and blocks; odd N
+    # depth chunks of the AVX512-BF16 one; C = 77 and 130: partial panels and blocks; odd N.
+    # With those entries a rounding of E by a few units moves the softmax's winner, so
+    # PyTorch's own bfloat16 error is as large as the output and this bound says little for
+    # the ReLU cases: the test below checks every stage of them against its own bound.
+    # (37, 41): 1517 positions of small values, where PyTorch's error is small and the bound
+    # here is tight, across two slices.
     set_cpu_bf16_path(monkeypatch, path)
     x = torch.randn(B, C, *HW, dtype=torch.float64)
     x = (x.relu() if relu else x * 0.3).bfloat16()
@@ -254,6 +270,61 @@ def test_cpu_bfloat16_paths_within_twice_pytorch_error(monkeypatch, path, B, C, 
     _, attention = op.channel_attention_forward(x)
     assert attention.dtype == torch.float32
     torch.testing.assert_close(attention.sum(-1), torch.ones(B, C), rtol=1e-5, atol=1e-5)
+
+
+# bfloat16's unit roundoff (8 significant bits): one rounding moves a value by at most this fraction
+BF16_U = 2.0 ** -8
+
+
+@pytest.mark.parametrize("path", CPU_BF16_PATHS)
+@pytest.mark.parametrize("B,C,HW,relu", CPU_BF16_CASES)
+def test_cpu_bfloat16_every_stage_within_its_rounding_bound(monkeypatch, path, B, C, HW, relu):
+    """Each stage of the bfloat16 CPU paths against float64 arithmetic on the same inputs,
+    within twice the worst case of the roundings that stage does, element by element:
+    - the saved attention: softmax(-E) of the exact Gram matrix, E off by at most
+      u (|X| |X|^T) where the Gram is summed from bfloat16 slices, N 2^-24 (|X| |X|^T)
+      where it is summed in float32 (a change dE moves log A by at most 2 max|dE| a row);
+    - out = A X from the kernel's own saved A: A rounded to bfloat16, the output rounded;
+    - dX = A^T dO + (dE + dE^T) X from the kernel's A: dA = dO X^T off as E, the
+      roundings of A, of dE + dE^T, of both products and of the sum.
+    These hold for ill-conditioned post-ReLU inputs too, where the comparison with
+    PyTorch's own error above cannot tell a wrong answer (an output 5 % small fails here)."""
+    set_cpu_bf16_path(monkeypatch, path)
+    u = BF16_U
+    x = torch.randn(B, C, *HW, dtype=torch.float64)
+    x = (x.relu() if relu else x * 0.3).bfloat16()
+    grad_out = torch.randn(B, C, *HW).bfloat16()
+    out, attention = op.channel_attention_forward(x)
+    grad = op.channel_attention_backward(grad_out, x, attention)
+    X, dO, A = x.double().flatten(2), grad_out.double().flatten(2), attention.double()
+    n = X.shape[-1]
+    aX, adO, aA = X.abs(), dO.abs(), A.abs()
+    t = lambda m: m.transpose(1, 2)  # noqa: E731
+
+    gram_u = u if path == "bfloat16-products-sliced-gram" else n * 2.0 ** -24
+    E = X @ t(X)
+    log_bound = 2 * 2 * (gram_u * (aX @ t(aX))).amax(-1, keepdim=True)
+    expected_a = torch.softmax(-E, -1)
+    tiny = expected_a > 1e-30
+    log_err = (A[tiny].log() - expected_a[tiny].log()).abs()
+    assert (log_err <= log_bound.expand_as(A)[tiny] + 1e-5).all(), log_err.max()
+
+    expected = A @ X
+    bound = u * (aA @ aX + expected.abs())
+    err = (out.double().flatten(2) - expected).abs()
+    assert (err <= 2 * bound).all(), (err / bound).max()
+
+    dA = dO @ t(X)
+    dE = -A * (dA - (dA * A).sum(-1, keepdim=True))
+    S = dE + t(dE)
+    expected_grad = t(A) @ dO + S @ X
+    dA_bound = gram_u * (adO @ t(aX))
+    dE_bound = aA * (dA_bound + (dA_bound * aA).sum(-1, keepdim=True))
+    S_bound = dE_bound + t(dE_bound) + u * S.abs()
+    grad_bound = (u * (t(aA) @ adO + (t(A) @ dO).abs() + (S @ X).abs() + expected_grad.abs())
+                  + S_bound @ aX)
+    grad_err = (grad.double().flatten(2) - expected_grad).abs()
+    assert (grad_err <= 2 * grad_bound).all(), (grad_err / grad_bound).max()
 
 
 @pytest.mark.skipif(not danet_ext.hardware.has_avx512_bf16() or

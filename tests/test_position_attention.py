@@ -6,7 +6,8 @@ import torch
 
 import danet_ext
 from danet_ext import reference
-from conftest import DEVICES, HAVE_CUDA_DEVICE, assert_within_twice_pytorch, kernel_dtypes, max_err
+from conftest import (DEVICES, HAVE_CUDA_DEVICE, assert_large_logit_grads_close, assert_within_twice_pytorch,
+                      kernel_dtypes, max_err)
 
 pytestmark = pytest.mark.needs_extension
 
@@ -131,9 +132,9 @@ def test_large_logits_are_stable(device, dtype):
     truth = reference.position_attention(*(t.to(dtype).double() for t in (q, k, v)))
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     assert max_err(out, truth) < tol
-    grads = grads_of(ext_position_attention, [t.to(dtype) for t in (q, k, v)],
-                     torch.randn_like(v).to(dtype))[1]
-    assert all(torch.isfinite(g).all() for g in grads)
+    grad_out = torch.randn_like(v).to(dtype)
+    inputs = [t.to(dtype) for t in (q, k, v)]
+    assert_large_logit_grads_close(grads_of(ext_position_attention, inputs, grad_out)[1], *inputs, out, grad_out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -150,11 +151,15 @@ def test_non_contiguous_and_channels_last(device):
     v_strided = wide[:, ::2]
     torch.testing.assert_close(danet_ext.position_attention(q, k, v_strided),
                                reference.position_attention(q, k, v_strided), rtol=1e-5, atol=1e-5)
-    # gradients flow back in the input's layout
-    cl = [t.clone().requires_grad_(True) for t in cl]
-    danet_ext.position_attention(*cl).sum().backward()
-    for t in cl:
-        assert t.grad is not None and t.grad.shape == t.shape
+    # gradients of strided inputs, with a strided gradient of the output, equal the
+    # reference's (a kernel writing NCHW order into NHWC strides would not)
+    grad_out = torch.randn_like(v)
+    _, expected_grads = grads_of(reference.position_attention, (q, k, v), grad_out)
+    for inputs in (cl, (qt, kt, vt)):
+        for g in (grad_out.to(memory_format=torch.channels_last), grad_out.transpose(2, 3).contiguous().transpose(2, 3)):
+            _, grads = grads_of(danet_ext.position_attention, inputs, g)
+            for grad, expected_grad in zip(grads, expected_grads):
+                torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -283,7 +288,7 @@ def test_tensor_core_kernels(monkeypatch, dtype, B, Cq, C, HW, scale):
     if scale > 1.0:  # PyTorch's own half-precision path is no yardstick at these logits
         tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
         assert max_err(out, truth) < tol
-        assert all(torch.isfinite(g).all() for g in grads)
+        assert_large_logit_grads_close(grads, *inputs, out, grad_out)
         return
     ulps = 4 * torch.finfo(dtype).eps  # slack where PyTorch's own error is 0 (N = 1)
     ref, ref_grads = grads_of(reference.position_attention, inputs, grad_out)
@@ -489,6 +494,11 @@ def test_torch_compile_fullgraph_in_bfloat16():
     pam, cam = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, x)
     torch.testing.assert_close(pam, danet_ext.position_attention(q, k, v) * 2)
     torch.testing.assert_close(cam, danet_ext.channel_attention(x) * 2)
+    # and what both compute is attention: float64 arithmetic on the same bfloat16 inputs
+    truth = reference.position_attention(q.double(), k.double(), v.double()) * 2
+    assert max_err(pam, truth) < 2e-2 * truth.abs().max().item()
+    truth = reference.channel_attention(x.double()) * 2
+    assert max_err(cam, truth) < 2e-2 * truth.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype,N,path", [(torch.float64, 1100, None), (torch.float32, 1100, None),

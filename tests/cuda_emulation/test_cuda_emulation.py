@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from danet_ext import reference
-from conftest import assert_within_twice_pytorch, max_err
+from conftest import assert_large_logit_grads_close, assert_within_twice_pytorch, max_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -96,8 +96,8 @@ def test_position_attention_large_logits(emu, dtype):
     truth = reference.position_attention(*(t.double() for t in (q, k, v)))
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     assert torch.isfinite(out).all() and max_err(out, truth) < tol
-    grads = emu.pam_backward(torch.randn_like(v), q, k, v, out, stats)
-    assert all(torch.isfinite(g).all() for g in grads)
+    grad_out = torch.randn_like(v)
+    assert_large_logit_grads_close(emu.pam_backward(grad_out, q, k, v, out, stats), q, k, v, out, grad_out)
 
 
 @pytest.mark.parametrize("hw", [(5, 6), (9, 11)])  # one key tile; several (32-key tiles)
@@ -305,10 +305,14 @@ def check_cam(emu, B, C, H, W, dtype, scale=1.0):
     torch.testing.assert_close(attn.double(), torch.softmax(-E, -1), rtol=1e-4, atol=1e-5)
 
 
+# (1, 33, (17, 19)) at scale 1: Gram entries near 323, where PyTorch's own half-precision
+# error is most of the output's size; at scale 0.1 the same shape is well conditioned and
+# the bound is tight.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,C,HW", [(1, 1, (1, 1)), (3, 5, (7, 9)), (2, 70, (5, 7)), (1, 33, (17, 19))])
-def test_channel_attention(emu, dtype, B, C, HW):
-    check_cam(emu, B, C, *HW, dtype)
+@pytest.mark.parametrize("B,C,HW,scale", [(1, 1, (1, 1), 1.0), (3, 5, (7, 9), 1.0), (2, 70, (5, 7), 1.0),
+                                          (1, 33, (17, 19), 1.0), (1, 33, (17, 19), 0.1)])
+def test_channel_attention(emu, dtype, B, C, HW, scale):
+    check_cam(emu, B, C, *HW, dtype, scale=scale)
 
 
 def test_channel_attention_more_channels_and_large_values(emu):
