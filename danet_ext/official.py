@@ -90,7 +90,7 @@ def load_official_checkpoint(path: str, **overrides) -> nn.Module:
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit DANet({num_classes}, {rest}): "
+        raise CheckpointError(f"{path} does not fit DANet({shown}, {rest}): "
                               f"{mismatch_summary(model, weights)}; the keys show {describe_config(inferred)}") from exc
     return model.eval()
 
@@ -108,7 +108,10 @@ def mismatch_summary(model: nn.Module, weights: Dict[str, Tensor], limit: int = 
         if items:
             more = f" and {len(items) - limit} more" if len(items) > limit else ""
             parts.append(f"{len(items)} {what} ({', '.join(items[:limit])}{more})")
-    return "; ".join(parts) or "no key differences"
+    return "; ".join(parts) or NO_MISMATCH
+
+
+NO_MISMATCH = "no key differences"
 
 
 # --------------------------------------------------------------------------- accelerate

@@ -76,7 +76,8 @@ def test_load_official_checkpoint_bare_state_dict_and_errors(official_checkpoint
     bare = tmp_path / "bare.pth"
     torch.save(model.state_dict(), bare)
     assert danet_ext.load_official_checkpoint(str(bare)).head.conv8[1].out_channels == 5
-    with pytest.raises(CheckpointError, match=r"the keys show backbone resnet50, 5 classes, deep stem"):
+    with pytest.raises(CheckpointError, match=r"does not fit DANet\(num_classes=7, backbone=.resnet50., "
+                                              r"deep_stem=True, .*the keys show backbone resnet50, 5 classes, deep stem"):
         danet_ext.load_official_checkpoint(str(bare), num_classes=7)
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, other)

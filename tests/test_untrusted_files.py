@@ -99,3 +99,30 @@ def test_non_checkpoints_get_a_clear_error(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint_file(path)
+
+
+def test_a_small_file_cannot_make_us_allocate_a_large_model(tmp_path):
+    # A TinyDANet's width comes from its first convolution's weight: a 0.4 MB file that holds only
+    # that weight, at width 4096, names a 23 GiB model. Its missing keys must be found on a model
+    # without storage, before anything is allocated: under an 8 GiB address-space limit the CLI
+    # answers with the mismatch, where building the model first died in the allocator.
+    import resource
+
+    ckpt = tmp_path / "amplify.pt"
+    torch.save({"config": {"arch": "tiny", "num_classes": 4, "width": 4096},
+                "state_dict": {"pretrained.0.0.weight": torch.zeros(4096, 3, 3, 3)}}, ckpt)
+    assert ckpt.stat().st_size < 1 << 20
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 24)).save(image)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    proc = subprocess.run([sys.executable, "-m", "danet_ext", "segment", "--checkpoint", str(ckpt), "--image",
+                           str(image), "--out", str(tmp_path / "out.png")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not fit TinyDANet(4, width=4096): 73 missing" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.png").exists()

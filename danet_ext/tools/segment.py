@@ -134,7 +134,7 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
     checkpoint stores them, are in `model.class_names`."""
     from .demo import TinyDANet
     from ..models import DANet
-    from ..official import OFFICIAL_DEFAULTS, describe_config, infer_danet_config, mismatch_summary
+    from ..official import NO_MISMATCH, OFFICIAL_DEFAULTS, describe_config, infer_danet_config, mismatch_summary
 
     state = load_checkpoint_file(checkpoint)
     config = read_config(state, checkpoint)
@@ -147,7 +147,10 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
     if classes is None:
         raise CheckpointError(f"{checkpoint}: cannot tell the number of classes (no head.conv8.1.weight); "
                               f"pass --num-classes")
-    hint = f"its keys show {describe_config(inferred) if config['arch'] == 'danet' else f'{shown} classes'}"
+    if config["arch"] == "danet":
+        hint = f"its keys show {describe_config(inferred)}"
+    else:
+        hint = f"its keys show {shown} classes" if shown is not None else "it has no classifier (head.conv8.1.weight)"
     if shown is not None and classes != shown:
         raise CheckpointError(f"{checkpoint} does not fit {classes} classes: {hint}; "
                               f"try --num-classes {shown}")
@@ -162,8 +165,11 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
         if width != stem.shape[0]:
             raise CheckpointError(f"{checkpoint}: config['width'] is {width}, but the weights are of width "
                                   f"{stem.shape[0]} (pretrained.0.0.weight has {stem.shape[0]} output channels)")
-        model = TinyDANet(classes, width=_positive_int(width, "width", checkpoint, 4096))
-        described = f"TinyDANet({classes}, width={model.config['width']})"
+        width = _positive_int(width, "width", checkpoint, 4096)
+
+        def build():
+            return TinyDANet(classes, width=width)
+        described = f"TinyDANet({classes}, width={width})"
     else:
         arch = backbone or config.get("backbone") or inferred["backbone"] or "resnet101"
         if inferred["backbone"] is not None and arch != inferred["backbone"]:
@@ -171,10 +177,21 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
                                   f"try --backbone {inferred['backbone']}")
         official_format = "config" not in (state if isinstance(state, dict) else {})
         multi_grid = config.get("multi_grid", OFFICIAL_DEFAULTS["multi_grid"] if official_format else None)
-        model = DANet(classes, backbone=arch, deep_stem=bool(inferred["deep_stem"]),
-                      multi_grid=tuple(multi_grid) if multi_grid else None, aux=True)
+
+        def build():
+            return DANet(classes, backbone=arch, deep_stem=bool(inferred["deep_stem"]),
+                         multi_grid=tuple(multi_grid) if multi_grid else None, aux=True)
         described = (f"DANet({classes}, backbone={arch}, deep_stem={bool(inferred['deep_stem'])}, "
                      f"multi_grid={tuple(multi_grid) if multi_grid else None})")
+    # Every key and shape is checked on a model without storage first: the file is untrusted,
+    # and a few of its keys (a TinyDANet's width) decide how much memory the model takes, so a
+    # small file must not make us allocate gigabytes before its other keys are found wrong.
+    with torch.device("meta"):
+        skeleton = build()
+    if mismatch_summary(skeleton, weights) != NO_MISMATCH:
+        raise CheckpointError(f"{checkpoint} does not fit {described}: {mismatch_summary(skeleton, weights)}; "
+                              f"{hint}")
+    model = build()
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
