@@ -21,11 +21,12 @@ def position_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     """
     B, C, H, W = value.shape
     n = H * W
-    proj_query = query.reshape(B, -1, n).permute(0, 2, 1)  # B x N x Cq
-    proj_key = key.reshape(B, -1, n)  # B x Cq x N
+    Cq = query.shape[1]  # explicit sizes, not -1: a reshape of an empty tensor cannot infer them
+    proj_query = query.reshape(B, Cq, n).permute(0, 2, 1)  # B x N x Cq
+    proj_key = key.reshape(B, Cq, n)  # B x Cq x N
     energy = torch.bmm(proj_query, proj_key)  # B x N x N
     attention = torch.softmax(energy, dim=-1)
-    proj_value = value.reshape(B, -1, n)  # B x C x N
+    proj_value = value.reshape(B, C, n)  # B x C x N
     out = torch.bmm(proj_value, attention.permute(0, 2, 1))
     return out.view(B, C, H, W)
 
@@ -37,8 +38,9 @@ def position_attention_blocked(query: Tensor, key: Tensor, value: Tensor, query_
     at a time instead of N x N."""
     B, C, H, W = value.shape
     n = H * W
-    proj_query = query.reshape(B, -1, n).permute(0, 2, 1)  # B x N x Cq
-    proj_key = key.reshape(B, -1, n)  # B x Cq x N
+    Cq = query.shape[1]
+    proj_query = query.reshape(B, Cq, n).permute(0, 2, 1)  # B x N x Cq
+    proj_key = key.reshape(B, Cq, n)  # B x Cq x N
     proj_value_t = value.reshape(B, C, n).permute(0, 2, 1)  # B x N x C
     out = _in_query_blocks(lambda q, k, v: torch.bmm(torch.softmax(torch.bmm(q, k), dim=-1), v),
                            proj_query, proj_key, proj_value_t, query_block)  # B x N x C
@@ -66,8 +68,9 @@ def position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, query_blo
     materialises the scores holds query_block x N of them at a time instead of N x N."""
     B, C, H, W = value.shape
     n = H * W
-    q = query.reshape(B, 1, -1, n).transpose(-1, -2)  # B x 1 x N x Cq
-    k = key.reshape(B, 1, -1, n).transpose(-1, -2)
+    Cq = query.shape[1]
+    q = query.reshape(B, 1, Cq, n).transpose(-1, -2)  # B x 1 x N x Cq
+    k = key.reshape(B, 1, Cq, n).transpose(-1, -2)
     v = value.reshape(B, 1, C, n).transpose(-1, -2)  # B x 1 x N x C
     out = _in_query_blocks(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0), q, k, v, query_block)
     return out.transpose(-1, -2).reshape(B, C, H, W)
@@ -79,7 +82,9 @@ def channel_attention(x: Tensor) -> Tensor:
     x: (B, C, H, W); returns (B, C, H, W).
     """
     B, C, H, W = x.shape
-    proj_query = x.reshape(B, C, -1)
+    if C == 0:  # no channels: nothing to attend over (max over an empty row is undefined)
+        return x.clone()
+    proj_query = x.reshape(B, C, H * W)
     proj_key = proj_query.permute(0, 2, 1)
     energy = torch.bmm(proj_query, proj_key)  # B x C x C
     energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy

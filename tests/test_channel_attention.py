@@ -355,3 +355,21 @@ def test_cpu_avx512bf16_gram_is_float32_sums_of_exact_products(monkeypatch, B, C
     assert "AVX512-BF16" in kinds["1"] and "slices" in kinds["0"]
     if C == 512:  # the sliced bfloat16 path rounds each slice: the two differ
         assert not torch.equal(found["1"], found["0"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_inputs_on_every_backend(backend, dtype):
+    # an empty batch, no channels, no positions: empty outputs and gradients, on every backend
+    # ("auto" takes the reference for bfloat16 on CPUs with bfloat16 hardware)
+    for shape in [(0, 4, 3, 3), (2, 0, 3, 3), (2, 4, 0, 3)]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        out = danet_ext.channel_attention(x, backend=backend)
+        out.sum().backward()
+        assert out.shape == shape and x.grad.shape == shape
+    for q_shape, v_shape in [((0, 2, 3, 3), (0, 4, 3, 3)), ((2, 2, 0, 3), (2, 4, 0, 3)), ((2, 2, 3, 3), (2, 0, 3, 3))]:
+        q, k = torch.randn(q_shape, dtype=dtype), torch.randn(q_shape, dtype=dtype)
+        v = torch.randn(v_shape, dtype=dtype, requires_grad=True)
+        out = danet_ext.position_attention(q, k, v, backend=backend)
+        out.sum().backward()
+        assert out.shape == v_shape and v.grad.shape == v_shape
