@@ -207,6 +207,11 @@ class InferenceModel(nn.Module):
         the graph afresh (about 10 s for DANet-ResNet-101 on 2 cores), which only pays off
         for sizes that come again, such as full sliding windows; `predict` runs the rest
         (whole images smaller than the window) eagerly."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            # an integer image (0-255) cast to float would run as if it were normalised
+            raise TypeError(f"danet_ext: the optimized model takes a floating-point image batch (B, 3, H, W), "
+                            f"normalised as the model was trained; got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         x = x.to(self.device, non_blocking=True)
         x = x.to(dtype=torch.float32 if self.autocast else self.dtype, memory_format=torch.channels_last)
         compiled = self.compiled and not eager

@@ -62,6 +62,18 @@ def test_float32_path_matches_and_leaves_the_original_alone():
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
+def test_non_floating_images_are_refused():
+    # a uint8 image (0-255) cast to float would run as if it were normalised: garbage, silently
+    fast = optimize_for_inference(danet_ext.DANetHead(32, 3).eval(), precision="float32")
+    x = torch.rand(1, 32, 5, 6)
+    assert fast(x)[0].shape == (1, 3, 5, 6)
+    for bad in ((x * 255).byte(), x > 0.5, x.to(torch.complex64)):
+        with pytest.raises(TypeError, match=f"floating-point image batch.*got {bad.dtype}"):
+            fast(bad)
+    with pytest.raises(TypeError, match="got list"):
+        fast([1.0])
+
+
 def test_choose_precision():
     assert choose_precision("cpu", "float32") == torch.float32
     assert choose_precision("cuda", "auto") == torch.float16
