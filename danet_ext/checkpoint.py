@@ -92,3 +92,13 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> "dict[str, torch
         raise CheckpointError(f"{source}: weight {bad_values[0]!r} is a {type(weights[bad_values[0]]).__name__}, "
                               f"not a tensor")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+
+
+def check_finite(weights: "dict[str, torch.Tensor]", source: str = "checkpoint") -> None:
+    """Raise CheckpointError where a floating-point tensor holds NaN or infinity: a training run
+    that diverged writes such files, and a model holding them segments every pixel as class 0
+    (the argmax of NaN) without a word."""
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold NaN or infinite values "
+                              f"({', '.join(broken[:3])}{' and more' if len(broken) > 3 else ''})")

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+from .checkpoint import CheckpointError, check_finite, extract_state_dict, load_checkpoint_file
 from .models.resnet import DEPTHS
 from .nn import ChannelAttention, PositionAttention, _check_backend, scaled_residual
 from .ops import channel_attention, position_attention
@@ -67,11 +67,13 @@ def load_official_checkpoint(path: str, **overrides) -> nn.Module:
     show: output_stride=8, multi_grid=(4, 8, 16). Prints what it inferred and used.
     `overrides` are DANet keyword arguments (num_classes, backbone, deep_stem,
     output_stride, multi_grid, aux, norm_layer, backend) and win over both.
-    Raises CheckpointError when the file is not a DANet checkpoint or does not fit.
+    Raises CheckpointError when the file is not a DANet checkpoint, does not fit, or holds
+    NaN or infinite weights.
     """
     from .models import DANet
 
     weights = extract_state_dict(load_checkpoint_file(path), path)
+    check_finite(weights, path)
     inferred = infer_danet_config(weights)
     config: Dict[str, Any] = {k: inferred[k] for k in ("num_classes", "backbone", "deep_stem")
                               if inferred[k] is not None}

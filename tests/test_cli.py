@@ -77,6 +77,8 @@ def segment_files(tmp_path_factory):
         "huge_width.pt": {"config": {"arch": "tiny", "num_classes": 4, "width": 4096}, "state_dict": state},
         "no_stem.pt": {"config": {"arch": "tiny", "num_classes": 4, "width": 4096},
                        "state_dict": {k: v for k, v in state.items() if k != "pretrained.0.0.weight"}},
+        "diverged.pt": {"config": model.config, "classes": CLASSES,
+                        "state_dict": dict(state, **{"head.sa.gamma": torch.tensor([float("nan")])})},
         # a DANet state dict in outline: ResNet-50 blocks, 5 classes
         "danet50.pt": {f"pretrained.layer{i}.{b}.conv1.weight": torch.zeros(1)
                        for i, n in enumerate((3, 4, 6, 3), 1) for b in range(n)}
@@ -100,6 +102,7 @@ SEGMENT_ERRORS = [
      "config['width'] is 4096, but the weights are of width 8 (pretrained.0.0.weight has 8 output channels)"),
     (["--checkpoint", "{d}/no_stem.pt"], "a TinyDANet checkpoint needs 'pretrained.0.0.weight'"),
     (["--checkpoint", "{d}/notes.txt"], "is not a readable PyTorch checkpoint"),
+    (["--checkpoint", "{d}/diverged.pt"], "diverged.pt: 1 tensor(s) hold NaN or infinite values (head.sa.gamma)"),
     (["--checkpoint", "{d}/adir"], "--checkpoint {d}/adir is a directory"),
     (["--num-classes", "1000000000"], "--num-classes must be in [1, 10000]"),
     (["--num-classes", "7"], "does not fit 7 classes: its keys show 4 classes; try --num-classes 4"),
@@ -361,3 +364,23 @@ def test_benchmark_outputs(tmp_path):
     assert "speed-up" in bm.format_table(results)
     png = bm.plot_results(results, str(tmp_path), "position_attention", "test", "pam")
     assert png and os.path.getsize(png) > 0
+
+
+def test_non_finite_outputs_are_an_error_not_class_0():
+    # a model whose output overflows (or whose weights went NaN after loading): the argmax of NaN
+    # probabilities is class 0 everywhere, which segment and evaluate must never report
+    from danet_ext.tools.segment import predict
+
+    class Overflowing(torch.nn.Module):
+        dtype = torch.float16
+
+        def forward(self, x):
+            out = x[:, :2] * 1e6
+            out[:, :, 3, 4] = float("inf")
+            return (out,)
+
+    image = torch.rand(3, 20, 24)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in float16 \(try --precision float32\)"):
+        predict(Overflowing(), image, window=32, normalize=False)
+    finite = predict(lambda x: (x[:, :2],), image, window=32, normalize=False)
+    assert torch.isfinite(finite).all() and finite.shape == (2, 20, 24)

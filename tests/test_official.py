@@ -79,6 +79,10 @@ def test_load_official_checkpoint_bare_state_dict_and_errors(official_checkpoint
     with pytest.raises(CheckpointError, match=r"does not fit DANet\(num_classes=7, backbone=.resnet50., "
                                               r"deep_stem=True, .*the keys show backbone resnet50, 5 classes, deep stem"):
         danet_ext.load_official_checkpoint(str(bare), num_classes=7)
+    diverged = tmp_path / "diverged.pth"
+    torch.save(dict(model.state_dict(), **{"head.sc.gamma": torch.tensor([float("inf")])}), diverged)
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) hold NaN or infinite values \(head.sc.gamma\)"):
+        danet_ext.load_official_checkpoint(str(diverged))
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, other)
     with pytest.raises(CheckpointError, match="cannot tell num_classes"):

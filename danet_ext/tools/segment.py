@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+from ..checkpoint import CheckpointError, check_finite, extract_state_dict, load_checkpoint_file
 
 # Palettes (RGB) of the two common benchmark label sets, and their class names.
 CITYSCAPES = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
@@ -139,6 +139,7 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
     state = load_checkpoint_file(checkpoint)
     config = read_config(state, checkpoint)
     weights = extract_state_dict(state, checkpoint)
+    check_finite(weights, checkpoint)
     inferred = infer_danet_config(weights)
     shown = inferred["num_classes"]
     if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
@@ -247,6 +248,11 @@ def predict(model: nn.Module, image: torch.Tensor, window: int = 512, flip: bool
         if flip:
             out_f = forward(tile.flip(-1))
             probs = (probs + (out_f[0] if isinstance(out_f, (tuple, list)) else out_f).softmax(1).flip(-1)) / 2
+        if not torch.isfinite(probs).all():  # argmax of NaN says class 0 everywhere: never report that
+            dtype = getattr(model, "dtype", None)
+            raise ValueError("the model's output holds NaN or infinite values"
+                             + (f" in {str(dtype).replace('torch.', '')} (try --precision float32)"
+                                if dtype not in (None, torch.float32) else ""))
         return probs
 
     if H <= window and W <= window:
