@@ -138,9 +138,21 @@ def _accelerated_class(cls: type, kind: str) -> type:
     if key not in _ACCELERATED_CLASSES:
         forward = _fast_pam_forward if kind == "position" else _fast_cam_forward
         _ACCELERATED_CLASSES[key] = type(cls.__name__, (cls,), {
-            "forward": forward, "_danet_ext_accelerated": kind,
+            "forward": forward, "_danet_ext_accelerated": kind, "__reduce_ex__": _reduce_accelerated,
             "__doc__": f"{cls.__name__} with its attention computed by danet_ext ({kind} attention)."})
     return _ACCELERATED_CLASSES[key]
+
+
+def _reduce_accelerated(self, protocol):
+    # The class made above cannot be found by its name, so pickle (torch.save(model), copies to
+    # worker processes) rebuilds it from the user's own class, which can.
+    base = type(self).__bases__[0]
+    return _new_accelerated, (base, self._danet_ext_accelerated), self.__dict__.copy()
+
+
+def _new_accelerated(cls: type, kind: str) -> nn.Module:
+    accelerated = _accelerated_class(cls, kind)
+    return accelerated.__new__(accelerated)
 
 
 def _is_pointwise_conv(m: Any) -> bool:

@@ -189,6 +189,14 @@ def test_accelerate_swaps_official_modules_in_place(backend, monkeypatch):
     assert calls == [("position_attention", "reference"), ("channel_attention", "reference")]
     clone = copy.deepcopy(model)
     torch.testing.assert_close(clone(x), model(x))
+    # pickled whole (torch.save(model), copies to worker processes): the swapped classes are made
+    # at run time, so they are rebuilt from the user's own classes, still swapped
+    import pickle
+
+    unpickled = pickle.loads(pickle.dumps(model))
+    assert type(unpickled.head.sa) is type(model.head.sa) and isinstance(unpickled.head.sc, OfficialCAM)
+    assert unpickled.head.sa._danet_ext_accelerated == "position"
+    torch.testing.assert_close(unpickled(x), model(x))
     assert len(danet_ext.accelerate(model)) == 0  # already swapped
 
 
