@@ -45,6 +45,8 @@ def test_check_passes_on_cpu(capsys):
     (["segment", "--checkpoint", "missing.pt", "--image", "missing.png", "--out", "o.png"], "not found"),
     (["demo", "--steps", "0"], "--steps must be in [1, 10000000], got 0"),
     (["demo", "--size", "1024"], "--size must be in [16, 256], got 1024"),
+    (["demo", "--seed", "99999999999999999999"], "--seed must be in [0, 9223372036854775806]"),
+    (["demo", "--seed", "-1"], "--seed must be in [0, 9223372036854775806], got -1"),
     (["check", "--device", "cuda"] if not torch.cuda.is_available() else ["check", "--dtype", "float64", "--device", "cuda"],
      "cuda"),
 ])

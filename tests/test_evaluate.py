@@ -13,11 +13,13 @@ from danet_ext.tools.evaluate import class_scores
 from danet_ext.tools.synthetic import CLASSES, confusion_matrix, make_batch
 
 
-def write_voc_folder(root, count=3, size=72, bad_label=False):
+def write_voc_folder(root, count=3, size=72, bad_label=False, all_ignored=False):
     from PIL import Image
 
     images, labels = make_batch(count, size, torch.Generator().manual_seed(3))
     labels[:, :4, :] = 255  # an ignored border, as VOC's object outlines
+    if all_ignored:
+        labels[:] = 255
     if bad_label:
         labels[0, 10, 10] = 7
     os.makedirs(root / "JPEGImages")
@@ -128,6 +130,19 @@ def test_evaluate_rejects_labels_outside_the_classes(tmp_path, setup):
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("danet-ext: error")]
     assert len(errors) == 1 and "label value 7 is outside [0, 4)" in errors[0], res.stderr
+
+
+def test_evaluate_refuses_to_score_no_labelled_pixels(tmp_path, setup):
+    # every label pixel ignored: there is nothing to score, and 'mIoU 0.0000' would be a number
+    # the model never earned
+    _, ckpt = setup
+    data = tmp_path / "voc"
+    write_voc_folder(data, count=2, all_ignored=True)
+    res = run_cli("evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "e"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("danet-ext: error")]
+    assert len(errors) == 1 and "no labelled pixels in the 2 image(s)" in errors[0], res.stderr
+    assert not (tmp_path / "e" / "evaluation.json").exists()
 
 
 def write_cityscapes_folder(root, count=2, size=40):

@@ -211,7 +211,8 @@ def _out_dir(path: str, option: str = "--out") -> str:
 # 20 bytes a pixel (float32 RGB and an int64 label): 0.8 GB at 256, 3.2 GB at 512, 12.8 GB at 1024.
 DEMO_MAX_SIZE = 256
 LIMITS = {"steps": (1, 10**7), "batch": (1, 4096), "size": (16, DEMO_MAX_SIZE), "repeats": (1, 1000),
-          "window": (32, 16384), "num_classes": (1, 10_000), "limit": (1, 10**7)}
+          "window": (32, 16384), "num_classes": (1, 10_000), "limit": (1, 10**7),
+          "seed": (0, 2**63 - 2)}  # torch.manual_seed takes 64-bit seeds; the demo also uses seed + 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,9 @@ def evaluate_folder(checkpoint: str, data: str, layout: str = "voc", split: str 
         conf += confusion_matrix(pred, label, k, ignore_index=IGNORE)
         bar.set_postfix(mIoU=f"{class_scores(conf)['miou']:.3f}")
     bar.close()
+    if int(conf.sum()) == 0:  # mIoU and pixel accuracy of nothing are not 0
+        raise ValueError(f"{data}: no labelled pixels in the {count} image(s) evaluated: every label pixel is "
+                         f"the ignore value {IGNORE}")
     result = dict(class_scores(conf), images=count, checkpoint=checkpoint, data=data, layout=layout, split=split,
                   scales=list(scales), flip=flip, window=window, precision=str(fast.dtype).replace("torch.", ""),
                   class_names=list(names))
