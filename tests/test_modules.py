@@ -166,6 +166,14 @@ def test_load_torchvision_resnet_refuses_what_is_not_a_state_dict(tmp_path):
         torch.save(content, tmp_path / name)
         with pytest.raises(CheckpointError, match=f"{tmp_path / name}"):
             load_torchvision_resnet(model.pretrained, str(tmp_path / name))
+    # a whole DANet checkpoint, or another depth: the mismatch in one line, not hundreds of keys
+    torch.save(DANet(3, backbone="resnet50").state_dict(), tmp_path / "danet.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit this ResNet backbone: \d+ missing .*"
+                                              r"its keys start with 'pretrained.'.*load_official_checkpoint"):
+        load_torchvision_resnet(model.pretrained, str(tmp_path / "danet.pth"))
+    torch.save(dilated_resnet("resnet101").state_dict(), tmp_path / "r101.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit this ResNet backbone: \d+ unexpected \(layer3.6"):
+        load_torchvision_resnet(model.pretrained, str(tmp_path / "r101.pth"))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])

@@ -142,8 +142,20 @@ def load_torchvision_resnet(backbone: DilatedResNet, path: str, strict: bool = T
     """Load an ImageNet ResNet state dict saved in torchvision's format (a file
     written by torch.save(torchvision.models.resnet101().state_dict(), path))
     into a backbone built with deep_stem=False. Dilation changes no shapes, so
-    every key maps one to one. Returns the result of load_state_dict; a file that
-    does not hold a state dict of tensors raises CheckpointError naming it."""
-    from ..checkpoint import extract_state_dict, load_checkpoint_file
+    every key maps one to one. Returns the result of load_state_dict. A file that
+    does not hold a state dict of tensors, holds NaN or infinite weights or (with
+    `strict`) does not fit the backbone raises CheckpointError naming it."""
+    from ..checkpoint import CheckpointError, check_finite, extract_state_dict, load_checkpoint_file
+    from ..official import mismatch_summary
 
-    return backbone.load_state_dict(extract_state_dict(load_checkpoint_file(path), path), strict=strict)
+    weights = extract_state_dict(load_checkpoint_file(path), path)
+    check_finite(weights, path)
+    try:
+        return backbone.load_state_dict(weights, strict=strict)
+    except RuntimeError as exc:
+        hint = ""
+        if any(k.startswith("pretrained.") for k in weights):
+            hint = ("; its keys start with 'pretrained.': a whole DANet checkpoint, which "
+                    "danet_ext.load_official_checkpoint reads")
+        raise CheckpointError(f"{path} does not fit this ResNet backbone: "
+                              f"{mismatch_summary(backbone, weights)}{hint}") from exc
