@@ -37,7 +37,9 @@ def _looks_like_a_checkpoint(path: str) -> bool:
 
     with open(path, "rb") as f:
         head = f.read(4)
-    return head.startswith(b"\x80") or zipfile.is_zipfile(path)
+    # a zip's local header (PK\x03\x04) also marks a truncated archive, whose central
+    # directory is missing: torch.load then says what is wrong with it
+    return head.startswith((b"\x80", b"PK\x03\x04")) or zipfile.is_zipfile(path)
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
@@ -65,6 +67,11 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
                 f"(only weights are loaded, never code; {detail[:200]})") from exc
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail[:200]})") from exc
     except Exception as exc:  # not a checkpoint at all: truncated, an image, a text file
+        first = str(exc).strip().split(". ")[0][:200]
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise CheckpointError(f"{path} is a damaged or truncated torch.save archive (an interrupted "
+                                      f"download or save?): {first}") from exc
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
                               f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
 

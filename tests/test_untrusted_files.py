@@ -126,3 +126,13 @@ def test_a_small_file_cannot_make_us_allocate_a_large_model(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "does not fit TinyDANet(4, width=4096): 73 missing" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out.png").exists()
+
+
+def test_a_truncated_checkpoint_is_called_truncated(tmp_path):
+    # an interrupted download: the zip's local header is there, its central directory is not
+    whole = tmp_path / "whole.pt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cut.pt is a damaged or truncated torch.save archive"):
+        load_checkpoint_file(cut)

@@ -147,8 +147,7 @@ def cmd_evaluate(args) -> int:
             raise UsageError(f"--scales must lie in [0.1, 4], got {scale}")
     if not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data} is not a folder")
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint: not found: {args.checkpoint}")
+    _checkpoint_file(args.checkpoint)
     _out_dir(args.out)
     try:
         result = evaluate_folder(args.checkpoint, args.data, layout=args.layout, split=args.split,
@@ -174,8 +173,7 @@ def cmd_export(args) -> int:
             raise ValueError
     except ValueError:
         raise UsageError(f"--input-size must be HxW with sides in [32, 8192], e.g. 512x1024; got {args.input_size}") from None
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint: not found: {args.checkpoint}")
+    _checkpoint_file(args.checkpoint)
     try:
         check_out_path(args.out, args.format)
         check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
@@ -190,6 +188,13 @@ def cmd_export(args) -> int:
           f"{result['attention_ops']}; max |difference| from PyTorch on a random image: "
           f"{'not checked (onnxruntime missing)' if err is None else f'{err:.2e}'}")
     return 0
+
+
+def _checkpoint_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"--checkpoint {path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UsageError(f"--checkpoint: not found: {path}")
 
 
 def _out_dir(path: str, option: str = "--out") -> str:
