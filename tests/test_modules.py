@@ -190,6 +190,17 @@ def test_danet_loss_takes_narrow_integer_targets(dtype):
     assert DANetLoss(ignore_index=255)(logits, target.to(dtype)) == DANetLoss(ignore_index=255)(logits, target)
 
 
+def test_danet_loss_shape_errors_name_what_was_expected():
+    logits, target = torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4))
+    with pytest.raises(ValueError, match=r"takes logits \(B, num_classes, H, W\); the main output has shape \(5, 4, 4\)"):
+        DANetLoss()(logits[0], target[0])  # unbatched: shape[1] would have been read as the classes
+    with pytest.raises(ValueError, match=r"output 1 has shape \(2, 3, 4, 4\), the main output \(2, 5, 4, 4\)"):
+        DANetLoss()((logits, logits[:, :3]), torch.full((2, 4, 4), 4))  # target 4 fits the main output only
+    with pytest.raises(ValueError, match=r"target must have shape \(B, H, W\) = \(2, 4, 4\).*got \(2, 4, 5\)"):
+        DANetLoss()(logits, torch.zeros(2, 4, 5, dtype=torch.long))
+    assert torch.isfinite(DANetLoss()((logits, logits, logits), target))
+
+
 @pytest.fixture(scope="module")
 def small_danet():
     torch.manual_seed(0)

@@ -113,6 +113,18 @@ class DANetLoss(nn.Module):
 
     def forward(self, outputs: Union[Tensor, Sequence[Tensor]], target: Tensor) -> Tensor:
         main, *aux = (outputs,) if isinstance(outputs, Tensor) else outputs
+        for i, o in enumerate((main, *aux)):
+            what = "the main output" if i == 0 else f"output {i}"
+            if not isinstance(o, Tensor) or o.dim() != 4:
+                raise ValueError(f"danet_ext: DANetLoss takes logits (B, num_classes, H, W); {what} has shape "
+                                 f"{tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__}")
+            if o.shape != main.shape:  # the targets are checked against the main output's classes
+                raise ValueError(f"danet_ext: DANetLoss: {what} has shape {tuple(o.shape)}, the main output "
+                                 f"{tuple(main.shape)}; every output scores the same classes at the same size")
+        if not isinstance(target, Tensor) or target.shape != (main.shape[0], *main.shape[2:]):
+            raise ValueError(f"danet_ext: DANetLoss target must have shape (B, H, W) = "
+                             f"{(main.shape[0], *main.shape[2:])} for logits {tuple(main.shape)}, got "
+                             f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}")
         target = self._checked_target(main, target)
         loss = self._ce(main, target)
         for o in aux:
