@@ -326,6 +326,37 @@ def test_float32_on_tf32_where_allowed(B, Cq, C, HW):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_tensor_core_paths_are_taken(monkeypatch, dtype):
+    """On compute capability 8.0+ the tensor-core kernels run by default (float32: where TF32
+    is allowed): their results differ from the CUDA cores' (DANET_EXT_TENSOR_CORES=0, or TF32
+    disallowed) in rounding, so a dispatch that silently fell back would show here, while
+    the accuracy tests above pass on either path."""
+    if _cuda_capability_major() < 8:
+        pytest.skip("the tensor-core kernels need compute capability 8.0")
+    monkeypatch.delenv("DANET_EXT_TENSOR_CORES", raising=False)
+    inputs = make_inputs(1, 16, 64, 48, 48, "cuda", dtype, scale=0.5)
+    grad_out = torch.randn(1, 64, 48, 48, device="cuda").to(dtype)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        fast, fast_grads = grads_of(ext_position_attention, inputs, grad_out)
+        if dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        else:
+            monkeypatch.setenv("DANET_EXT_TENSOR_CORES", "0")
+        plain, plain_grads = grads_of(ext_position_attention, inputs, grad_out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert not torch.equal(fast, plain)
+    assert not torch.equal(fast_grads[0], plain_grads[0])
+    truth = reference.position_attention(*(t.double() for t in inputs))
+    for out in (fast, plain):
+        assert max_err(out, truth) < 2e-2 * truth.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA_DEVICE, reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_backward_is_refused_under_deterministic_algorithms(dtype):
     """dQ is accumulated with float32 atomics: under torch.use_deterministic_algorithms
