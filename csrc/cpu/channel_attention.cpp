@@ -127,8 +127,8 @@ void backward_kernel(const scalar_t* dout, const scalar_t* x, const scalar_t* at
 // has) bfloat16 GEMMs (oneDNN, one rounding each) summed in float32 over slices
 // of kBf16Slice positions, each slice rounded at its own, smaller magnitude.
 // A X and the backward's two dX products are bfloat16 GEMMs (oneDNN), rounded
-// once as the reference's bmm. The softmax and its backward run in float32 on
-// E and A, as in the float32 path.
+// once as the reference's bmm (the second accumulated onto the first). The
+// softmax and its backward run in float32 on E and A, as in the float32 path.
 constexpr int64_t kBf16Slice = 1024;
 
 // sum over slices of N of a[:, :, n] b[:, :, n]^T, in float32: (B, C, C)
@@ -171,10 +171,10 @@ at::Tensor backward_bf16(const at::Tensor& grad_out, const at::Tensor& x_in, con
   at::Tensor grad_a = gram_bf16(go, x, /*symmetric=*/false);
   at::Tensor grad_e = -attn * (grad_a - (grad_a * attn).sum(-1, true));
   at::Tensor grad_sym = (grad_e + grad_e.transpose(1, 2)).to(at::kBFloat16);
-  // dX = A^T dO + (dE + dE^T) X: two bfloat16 products, summed in float32
-  at::Tensor dx = at::bmm(attn.transpose(1, 2).to(at::kBFloat16), go).to(at::kFloat);
-  dx.add_(at::bmm(grad_sym, x));
-  return dx.to(at::kBFloat16).view(x_in.sizes());
+  // dX = A^T dO + (dE + dE^T) X: two bfloat16 products; the second accumulates onto the
+  // first inside oneDNN's GEMM (float32 sums, one rounding), so no float32 C x N copy is held
+  at::Tensor dx = at::bmm(attn.transpose(1, 2).to(at::kBFloat16), go);
+  return at::baddbmm(dx, grad_sym, x).view(x_in.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_attention_forward_cpu(const at::Tensor& x_in) {
