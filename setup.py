@@ -1,12 +1,13 @@
 """Build danet_ext._C: CPU kernels always, CUDA kernels when a CUDA build of
-PyTorch and nvcc are both there (or FORCE_CUDA=1).
+PyTorch and nvcc are both there (FORCE_CUDA=1 makes their absence an error).
 
 Build against the PyTorch already installed, without build isolation:
 
     pip install --no-build-isolation .
 
 Environment:
-    FORCE_CUDA=1            compile the CUDA kernels even if no GPU is visible (needs nvcc)
+    FORCE_CUDA=1            fail instead of silently building CPU-only when torch is not a CUDA
+                            build or no CUDA toolkit is found (no GPU is needed either way)
     DANET_EXT_NO_CUDA=1     never compile them
     TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0" (Ampere, Hopper)
     MAX_JOBS                parallel compile jobs (ninja)

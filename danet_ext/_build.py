@@ -1,8 +1,8 @@
 """Loading the compiled extension, and what it was built with.
 
 If the extension is missing, the package still imports and every op runs the
-pure-PyTorch reference, after one warning. If it was built against another
-torch version, importing fails with a message that says how to rebuild.
+pure-PyTorch reference, after a warning at import (and one at the first op that falls
+back). If it was built against another torch version, importing fails with a message that says how to rebuild.
 """
 from __future__ import annotations
 

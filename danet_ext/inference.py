@@ -252,8 +252,9 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto",
         split_convs: on the CPU, compute convolutions with large weights (DANet's conv5a
             and conv5c) in chunks of output channels, which oneDNN runs faster
             (SPLIT_CONV_WEIGHT_BYTES says what was measured); the sums are the same.
-        winograd: in float32 on the CPU, compute the 3 x 3 convolutions with stride 1
-            (all of DANet's but the stem's first) by Winograd's F(4x4, 3x3)
+        winograd: in float32 on the CPU, compute the 3 x 3 convolutions with stride 1,
+            padding equal to the dilation and at least 128 input channels (33 of
+            DANet-101's) by Winograd's F(4x4, 3x3)
             (danet_ext/winograd.py): a quarter of the multiplications, outputs within
             about 1e-5 of their magnitude of the direct convolution's. Its filters take 4x
             the memory of the 3 x 3 weights (DANet-101: ~0.7 GB instead of 0.18 GB). In

@@ -20,7 +20,8 @@ from .nn import ChannelAttention, PositionAttention, _check_backend, scaled_resi
 from .ops import channel_attention, position_attention
 
 # The released DANet-101 (Cityscapes) is evaluated with multi-grid dilations
-# (4, 8, 16) in layer4 at output stride 8, on the 7x7-stem ResNet-101.
+# (4, 8, 16) in layer4 at output stride 8, on the deep-stem ResNet-101 (its stem is read
+# from the keys).
 OFFICIAL_DEFAULTS = {"output_stride": 8, "multi_grid": (4, 8, 16)}
 
 

@@ -19,7 +19,7 @@ class DANet(nn.Module):
 
     Args:
         num_classes: number of segmentation classes.
-        backbone: "resnet101" (the paper's) or "resnet50".
+        backbone: "resnet101" (the paper's), "resnet50" or "resnet152".
         output_stride: 8 (the paper's), 16 or 32.
         multi_grid: dilations of layer4's three blocks, e.g. (4, 8, 16); None for uniform.
         deep_stem: three-convolution stem, as in the official backbone checkpoints.

@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (inductor, freezing) for full sliding windows (window x "
                         "window): each batch size of windows compiles first (seconds to a minute); images "
                         "smaller than the window run eagerly, as they rarely share a size. On the CPU it no "
-                        "longer pays off (DANet-101 at 512x1024 on a 2-core CPU: bfloat16 2.85 s a forward "
-                        "against 2.75 s eager, after a 13 s first call); on a GPU it is unmeasured")
+                        "pays off little (DANet-101 at 512x1024 on a 2-core CPU: bfloat16 2.76 s a forward "
+                        "against 2.84 s eager, after an 11 s first call); on a GPU it is unmeasured")
     s.add_argument("--out", default="eval-out", help="folder for evaluation.json and per_class_iou.png")
     s.set_defaults(func=cmd_evaluate)
 
