@@ -171,8 +171,8 @@ def _transform_reason(tensors: Tuple[Tensor, ...]) -> str | None:
 # there: position attention in bfloat16 up to this many positions (a 2048 x 2048
 # bfloat16 matrix is 8 MiB). Larger maps take the kernel: faster, and O(N) memory
 # instead of N x N. Channel attention in bfloat16 takes the kernel on AVX512-BF16, where
-# this binary has its Gram kernel (0.90x to 1.18x the reference forward, level in isolated
-# timings at the low end, and 1.24x to 1.35x forward+backward, 2026-12-01), and the
+# this binary has its Gram kernel (1.04x to 1.17x the reference forward, 0.90x to 1.11x at
+# C = 256, 97 x 97 over several runs, and 1.25x to 1.48x forward+backward, 2026-12-01), and the
 # reference on CPUs with AMX-BF16, whose oneDNN bmm runs on tiles several times faster
 # than the kernel's AVX512-BF16 Gram (not measured yet: no AMX machine has been available
 # since that kernel; before it, the kernel ran 0.28x there). backend="extension" always takes the kernel.
