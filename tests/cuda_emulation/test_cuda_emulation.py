@@ -563,3 +563,24 @@ def test_asan_catches_out_of_bounds_shared_write():
 def test_tsan_catches_missing_barrier():
     r = run_sanitized("tsan", "selftest", "missing_barrier")
     assert r.returncode != 0 and "ThreadSanitizer: data race" in r.stderr, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: dS is rounded to float16 unscaled (README, 'Known limit "
+                   "(float16 backward)'); the fix, a per-image power-of-two scale of dS, is not built yet")
+def test_float16_tensor_core_backward_keeps_small_gradients(emu):
+    """dS = P (dP - D) has entries near P |dP|: at N = 1024 with |dO| ~ 1e-4 they lie far below
+    float16's normal range (6.1e-5), so rounded unscaled they lose their digits and dQ, dK with
+    them (measured: 2.4e-2 relative error at N = 4096, |dO| ~ 1e-3, against 3e-4 at |dO| ~ 1).
+    Scaling dS per image by a power of two bounded by 2 max|dO_i| max|v_j| (so that it cannot
+    overflow) and undoing it in float32 would keep them as accurate as at |dO| ~ 1."""
+    q, k, v = make_inputs(1, 8, 8, 32, 32, torch.float16, scale=0.3)
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
+    errors = {}
+    for scale in (1.0, 1e-4):
+        grad_out = (torch.randn(1, 8, 32, 32) * scale).to(torch.float16)
+        grads = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True)
+        _, truth = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)], grad_out.double())
+        errors[scale] = [((g.double() - t).norm() / t.norm()).item() for g, t in zip(grads, truth)]
+    for name, small, large in zip("qk", errors[1e-4], errors[1.0]):
+        assert small < max(3 * large, 2e-3), (name, errors)
