@@ -2,7 +2,8 @@
 
 If the extension is missing, the package still imports and every op runs the
 pure-PyTorch reference, after a warning at import (and one at the first op that falls
-back). If it was built against another torch version, importing fails with a message that says how to rebuild.
+back). If it was built against another torch version, importing fails with a message
+that says how to rebuild.
 """
 from __future__ import annotations
 

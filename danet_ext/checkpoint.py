@@ -30,16 +30,17 @@ def _unpickler_detail(text: str) -> str:
     return text.strip()[:200]
 
 
-def _looks_like_a_checkpoint(path: str) -> bool:
+_ZIP_HEADER = b"PK\x03\x04"  # a zip's local header: also there in a truncated archive
+
+
+def _looks_like_a_checkpoint(path: str, head: bytes) -> bool:
     """torch.save writes a zip archive; older files are a pickle (protocol >= 2
-    starts with 0x80)."""
+    starts with 0x80). `head`: the file's first 4 bytes."""
     import zipfile
 
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # a zip's local header (PK\x03\x04) also marks a truncated archive, whose central
-    # directory is missing: torch.load then says what is wrong with it
-    return head.startswith((b"\x80", b"PK\x03\x04")) or zipfile.is_zipfile(path)
+    # a truncated archive, whose central directory is missing, still starts with the zip
+    # header: torch.load then says what is wrong with it
+    return head.startswith((b"\x80", _ZIP_HEADER)) or zipfile.is_zipfile(path)
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
@@ -54,7 +55,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not _looks_like_a_checkpoint(path):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not _looks_like_a_checkpoint(path, head):
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: neither torch.save's zip "
                               f"format nor a pickle (is it an image or a text file?)")
     try:
@@ -67,11 +70,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
                 f"(only weights are loaded, never code; {detail[:200]})") from exc
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail[:200]})") from exc
     except Exception as exc:  # not a checkpoint at all: truncated, an image, a text file
-        first = str(exc).strip().split(". ")[0][:200]
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":
-                raise CheckpointError(f"{path} is a damaged or truncated torch.save archive (an interrupted "
-                                      f"download or save?): {first}") from exc
+        if head == _ZIP_HEADER:
+            raise CheckpointError(f"{path} is a damaged or truncated torch.save archive (an interrupted "
+                                  f"download or save?): {str(exc).strip().split('. ')[0][:200]}") from exc
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
                               f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
 

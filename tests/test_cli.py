@@ -193,7 +193,7 @@ def test_evaluate_and_export_report_os_errors_in_one_line(monkeypatch, tmp_path,
         assert capsys.readouterr().err == f"danet-ext: error: {tmp_path / 'locked.png'}: Permission denied\n"
         # a folder given as the checkpoint is called a folder, not 'not found'
         assert main([*args, "--checkpoint", str(tmp_path)]) == 2
-        assert capsys.readouterr().err == f"danet-ext: error: --checkpoint {tmp_path} is a directory, not a checkpoint file\n"
+        assert capsys.readouterr().err == f"danet-ext: error: --checkpoint {tmp_path} is a directory; give one file\n"
 
 
 @pytest.mark.parametrize("command", ["bench", "demo"])

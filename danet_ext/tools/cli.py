@@ -191,10 +191,12 @@ def cmd_export(args) -> int:
 
 
 def _checkpoint_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise UsageError(f"--checkpoint {path} is a directory, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise UsageError(f"--checkpoint: not found: {path}")
+    from .segment import check_input_file
+
+    try:
+        check_input_file("--checkpoint", path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _out_dir(path: str, option: str = "--out") -> str:

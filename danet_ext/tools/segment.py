@@ -52,10 +52,7 @@ def check_paths(checkpoint: str, image_path: str, out_path: str) -> None:
     """Everything about the three paths that can be checked before any work:
     raises FileNotFoundError or ValueError naming the option."""
     for option, path in (("--image", image_path), ("--checkpoint", checkpoint)):
-        if os.path.isdir(path):
-            raise ValueError(f"{option} {path} is a directory; give one file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{option}: not found: {path}")
+        check_input_file(option, path)
     if out_path.endswith(os.sep) or os.path.isdir(out_path):
         raise ValueError(f"--out {out_path} is a directory; give a file name such as "
                          f"{os.path.join(out_path, 'overlay.png')}")
@@ -67,6 +64,14 @@ def check_paths(checkpoint: str, image_path: str, out_path: str) -> None:
         raise ValueError(f"--out {out_path}: the name must end in an image extension "
                          f"({', '.join(IMAGE_EXTENSIONS)}), got {ext or 'none'}")
     check_writable_dir(os.path.dirname(os.path.abspath(out_path)), "--out")
+
+
+def check_input_file(option: str, path: str) -> None:
+    """`path` is an existing file: raises FileNotFoundError or ValueError naming `option`."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory; give one file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{option}: not found: {path}")
 
 
 def check_writable_dir(directory: str, option: str) -> None:
@@ -188,10 +193,9 @@ def load_model(checkpoint: str, num_classes: Optional[int] = None, backbone: Opt
     # and a few of its keys (a TinyDANet's width) decide how much memory the model takes, so a
     # small file must not make us allocate gigabytes before its other keys are found wrong.
     with torch.device("meta"):
-        skeleton = build()
-    if mismatch_summary(skeleton, weights) != NO_MISMATCH:
-        raise CheckpointError(f"{checkpoint} does not fit {described}: {mismatch_summary(skeleton, weights)}; "
-                              f"{hint}")
+        mismatch = mismatch_summary(build(), weights)
+    if mismatch != NO_MISMATCH:
+        raise CheckpointError(f"{checkpoint} does not fit {described}: {mismatch}; {hint}")
     model = build()
     try:
         model.load_state_dict(weights, strict=True)
