@@ -10,6 +10,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include "common.cuh"
+#include "position_attention_grad_scale.cuh"
 #include "position_attention_tensor_cores.h"
 #include "position_attention_tensor_cores_kernels.cuh"
 
@@ -84,9 +85,12 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
   const bool v_resident = grad_qk_tc_v_resident<Tr>(Cq, C, max_shared_per_block(v), per_sm);
   at::Tensor dk_parts;
   if (splits > 1) dk_parts = at::empty({splits, B, Cq, N}, dk_acc.options());
+  // float16's range is too narrow for dS at small |dO|: scaled per image (see position_attention_grad_scale.cuh)
+  const at::Tensor ds_scale = std::is_same<T, c10::Half>::value ? float16_grad_scores_scale(grad_out, v) : at::Tensor();
   position_attention_backward_tensor_cores_launch<Tr, T>(
       operand_ptr<Tr>(grad_out), operand_ptr<Tr>(q), operand_ptr<Tr>(k), operand_ptr<Tr>(v), stats.data_ptr<float>(),
-      row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
+      row_dot.data_ptr<float>(), ds_scale.defined() ? ds_scale.data_ptr<float>() : nullptr,
+      dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
       splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, v_resident,
       c10::cuda::getCurrentCUDAStream());
 }

@@ -302,13 +302,16 @@ bool grad_qk_tc_v_resident(int64_t Cq, int64_t C, int64_t max_shared_block, int6
 // grid (key tiles, splits, B): block (x, s, b) walks the query tiles of split s,
 // queries [s * split_queries, (s + 1) * split_queries), and writes its keys' dK
 // to dk_out[s] (the split's partial sums, added up in a fixed order afterwards).
+// ds_scale: B powers of two (float16_grad_scores_scale, for float16) that dS
+// is multiplied by before it is rounded to the operand type, and dQ, dK
+// divided by in float32; nullptr for 1.
 template <typename Tr, int kCq16, bool kVResident>
 __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
     grad_qk_kernel_tc(const typename Tr::E* __restrict__ dout, const typename Tr::E* __restrict__ q,
                       const typename Tr::E* __restrict__ k, const typename Tr::E* __restrict__ v,
                       const float* __restrict__ stats, const float* __restrict__ row_dot,
-                      float* __restrict__ dq_acc, float* __restrict__ dk_out, int64_t Cq, int64_t C, int64_t N,
-                      int64_t split_queries, bool vec) {
+                      const float* __restrict__ ds_scale, float* __restrict__ dq_acc, float* __restrict__ dk_out,
+                      int64_t Cq, int64_t C, int64_t N, int64_t split_queries, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
@@ -338,6 +341,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
   const float* dot_b = row_dot + b * N;
   float* dqb = dq_acc + b * Cq * N;
   float* dkb = dk_out + (static_cast<int64_t>(blockIdx.y) * gridDim.z + b) * Cq * N;
+  const float ds_mul = ds_scale != nullptr ? ds_scale[b] : 1.f;
+  const float ds_div = 1.f / ds_mul;  // exact: a power of two
   stage_tile<Tr>(k, Cq, N, 0, kCq16, j0, ks, vec);
   if (kVResident) stage_tile<Tr>(v, C, N, 0, static_cast<int>(c16), j0, vs, vec);
 
@@ -366,11 +371,11 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
       warp_scores<Tr>(kVResident ? vs + cc * kPitch : vs, dos, depth, row0, dp);
       __syncthreads();
     }
-    // dS^T = P^T (dP^T - D); kept in dp.
+    // dS^T = P^T (dP^T - D), times ds_mul; kept in dp.
 #pragma unroll
     for (int nt = 0; nt < kScoreTiles; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[nt][e] = softmax_grad(p[nt][e], dp[nt][e], row_d[frag_col(nt, e)]);
+      for (int e = 0; e < 4; ++e) dp[nt][e] = softmax_grad(p[nt][e], dp[nt][e], row_d[frag_col(nt, e)]) * ds_mul;
     warp_product<Tr, kCqTiles>(dp, qs, dk);  // dK^T (keys x channels) += dS^T Q^T
 #pragma unroll
     for (int nt = 0; nt < kScoreTiles; ++nt)
@@ -400,7 +405,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t c = frag_col(ct, e), i = i0 + row0 + frag_row(e);
-        if (c < Cq && i < N) atomicAdd(&dqb[c * N + i], dq[ct][e]);
+        if (c < Cq && i < N) atomicAdd(&dqb[c * N + i], dq[ct][e] * ds_div);
       }
     __syncthreads();  // qs and dss are refilled in the next step
   }
@@ -409,7 +414,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocks)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t c = frag_col(ct, e), j = j0 + row0 + frag_row(e);
-      if (c < Cq && j < N) dkb[c * N + j] = dk[ct][e];  // the block owns these keys
+      if (c < Cq && j < N) dkb[c * N + j] = dk[ct][e] * ds_div;  // the block owns these keys
     }
 #endif
 }
@@ -491,15 +496,18 @@ void position_attention_forward_tensor_cores_launch(const typename Tr::E* q, con
 }
 
 // The tensor-core backward on raw pointers. row_dot (B, N) float32 holds
-// D = sum_c dO O (computed by the caller); dq_acc, dk_acc (B, Cq, N) float32
+// D = sum_c dO O (computed by the caller); ds_scale (B,) float32 from
+// float16_grad_scores_scale() for float16, nullptr otherwise (no scaling);
+// dq_acc, dk_acc (B, Cq, N) float32
 // zero-filled; dv (B, C, N) of T; splits from grad_qk_tc_splits(), and for
 // splits > 1 a workspace dk_parts of splits * B * Cq * N floats; v_resident
 // from grad_qk_tc_v_resident<Tr>(). tensor_core_backward_fits<Tr>(Cq, the device's limit).
 template <typename Tr, typename T>
 void position_attention_backward_tensor_cores_launch(const typename Tr::E* grad_out, const typename Tr::E* q,
                                                      const typename Tr::E* k, const typename Tr::E* v,
-                                                     const float* stats, const float* row_dot, float* dq_acc,
-                                                     float* dk_acc, float* dk_parts, T* dv, int64_t B, int64_t Cq,
+                                                     const float* stats, const float* row_dot,
+                                                     const float* ds_scale, float* dq_acc, float* dk_acc,
+                                                     float* dk_parts, T* dv, int64_t B, int64_t Cq,
                                                      int64_t C, int64_t N, int64_t splits, bool v_resident,
                                                      cudaStream_t stream) {
   const bool vec = vector_staging<Tr>(N, {grad_out, q, k, v});
@@ -510,8 +518,8 @@ void position_attention_backward_tensor_cores_launch(const typename Tr::E* grad_
 #define DANET_GRAD_QK_CASE(CQ16)                                                                                 \
   case CQ16: {                                                                                                   \
     auto kernel = v_resident ? grad_qk_kernel_tc<Tr, CQ16, true> : grad_qk_kernel_tc<Tr, CQ16, false>;           \
-    DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, dq_acc, dk_out, Cq, C, N,         \
-                 split_queries, vec);                                                                            \
+    DANET_LAUNCH(kernel, geometry, stream, grad_out, q, k, v, stats, row_dot, ds_scale, dq_acc, dk_out, Cq, C, \
+                 N, split_queries, vec);                                                                         \
     break;                                                                                                       \
   }
   switch (round16(Cq)) {

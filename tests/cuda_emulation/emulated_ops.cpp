@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "channel_attention_sequence.cuh"
+#include "position_attention_grad_scale.cuh"
 #include "position_attention_kernels.cuh"
 #include "position_attention_tensor_cores_kernels.cuh"
 
@@ -80,7 +81,7 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
 std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                 const Tensor& value, const Tensor& out,
                                                 const Tensor& softmax_stats, bool tensor_cores,
-                                                int64_t v_resident) {
+                                                int64_t v_resident, bool scale_grad_scores) {
   check_cpu(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1);
   const int64_t N = value.size(2) * value.size(3);
@@ -106,9 +107,13 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
       const bool resident = v_resident >= 0 ? v_resident == 1
                                             : danet::cuda::grad_qk_tc_v_resident<Tr>(Cq, C, 232448, 233472);
       Tensor dk_parts = splits > 1 ? at::empty({splits, B, Cq, N}, dk_acc.options()) : Tensor();
+      const Tensor ds_scale = std::is_same<T, c10::Half>::value && scale_grad_scores
+                                  ? danet::cuda::float16_grad_scores_scale(go, v)
+                                  : Tensor();
       danet::cuda::position_attention_backward_tensor_cores_launch<Tr, T>(
           as_operand<Tr>(go), as_operand<Tr>(q), as_operand<Tr>(k), as_operand<Tr>(v), stats.data_ptr<float>(),
-          row_dot.data_ptr<float>(), dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
+          row_dot.data_ptr<float>(), ds_scale.defined() ? ds_scale.data_ptr<float>() : nullptr,
+          dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
           splits > 1 ? dk_parts.data_ptr<float>() : nullptr, dv.data_ptr<T>(), B, Cq, C, N, splits, resident,
           nullptr);
     });
@@ -217,7 +222,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pam_forward", &pam_forward, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("tensor_cores") = false);
   m.def("pam_backward", &pam_backward, py::arg("grad_out"), py::arg("query"), py::arg("key"), py::arg("value"),
-        py::arg("out"), py::arg("softmax_stats"), py::arg("tensor_cores") = false, py::arg("v_resident") = -1);
+        py::arg("out"), py::arg("softmax_stats"), py::arg("tensor_cores") = false, py::arg("v_resident") = -1,
+        py::arg("scale_grad_scores") = true);
   m.def("cam_forward", &cam_forward);
   m.def("cam_backward", &cam_backward);
   m.def("selftest", &selftest);
@@ -235,5 +241,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return tf32 ? danet::cuda::tensor_core_backward_fits<MmaTf32>(Cq, max_shared)
                 : danet::cuda::tensor_core_backward_fits<Mma16<__half>>(Cq, max_shared);
   }, py::arg("Cq"), py::arg("max_shared"), py::arg("tf32") = false);
+  m.def("float16_grad_scores_scale", [](const Tensor& grad_out, const Tensor& value) {
+    return danet::cuda::float16_grad_scores_scale(grad_out, value);
+  }, py::arg("grad_out"), py::arg("value"));
   m.def("set_timeout", &set_timeout);
 }
