@@ -12,6 +12,7 @@
 // where O = V P^T (forward) and the four backward products after the score
 // recomputation run in it (reduced_precision_gemm.h).
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <type_traits>
 #include <mutex>
@@ -268,6 +269,27 @@ void forward_kernel_16(const ScoreSource& scores_of, const T16* v, T16* out, flo
   });
 }
 
+// max |p[r * ld + c]| over rows r < rows, columns c < cols of a 16-bit matrix.
+template <typename T16>
+float max_abs16(const T16* p, int64_t rows, int64_t cols, int64_t ld) {
+  float m = 0.f;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) m = std::max(m, std::abs(static_cast<float>(p[r * ld + c])));
+  return m;
+}
+
+// The power of two s by which the float16 backward multiplies dS before rounding
+// it for a product: s = 2^floor(log2(16384 / bound)), bound = the larger of
+// max |dS| and a bound on the product's entries, so that both stay within a
+// quarter of float16's largest value (65504) and far above its smallest normal
+// (6.1e-5); |log2 s| <= 100, and 1 where the bound is 0 or not finite.
+inline float float16_product_scale(float ds_max, float product_bound) {
+  const double bound = std::max(ds_max, product_bound);
+  if (!(bound > 0.0) || !std::isfinite(bound)) return 1.f;
+  const double e = std::clamp(std::floor(std::log2(16384.0 / bound)), -100.0, 100.0);
+  return std::ldexp(1.f, static_cast<int>(e));
+}
+
 // Backward (FlashAttention-2 order): D_i = sum_c dO[c,i] O[c,i]; then for each
 // key block j, over all query blocks i:
 //   P = exp(Q_i^T K_j - m_i) / l_i    dV_j += dO_i P
@@ -293,7 +315,15 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   // P and dS of kStack consecutive query blocks are stacked, so that dV and dK
   // take one product of depth kStack * kBwdBlockQ: fewer float32 accumulations
   // of their (C x bk) tiles, each rounded once from a deeper product.
+  // float16 (5 exponent bits) would lose dS's small entries, near P |dP| with P
+  // about 1/N, and its products with Q and K, below its normal range (6.1e-5),
+  // and could overflow them past 65504: each product's dS is multiplied by a
+  // power of two (float16_product_scale) before it is rounded, and the float32
+  // sums of the product divided by it (exact). dQ's comes from its query block's
+  // dS; dK's from the stack's, kept in float32 until the stack is complete; P
+  // for dV likewise (its entries, about 1/N, are subnormal from N = 16384).
   const bool lowp = inputs16 != nullptr;
+  const bool float16_scaled = lowp && std::is_same_v<T16, at::Half>;
   TORCH_CHECK(lowp == (scores16 != nullptr) && (scores16 == nullptr || (std::is_same_v<scalar_t, float>)),
               "position_attention_backward: the 16-bit path takes its scores from a ScoreSource, in float32");
   const int64_t num_threads = at::get_num_threads();
@@ -328,9 +358,14 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   std::map<int64_t, DqChunk> dq_chunks;
   std::mutex dq_chunks_mutex;
   at::parallel_for(0, B * k_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> probs(kBwdBlockQ * block_k), dscores(kBwdBlockQ * block_k);
+    const int64_t stacked = (float16_scaled ? kStack : 1) * kBwdBlockQ * block_k;
+    std::vector<scalar_t> probs(stacked), dscores(stacked);
     std::vector<T16> p16(lowp ? kStack * kBwdBlockQ * block_k : 0), ds16(lowp ? kStack * kBwdBlockQ * block_k : 0),
-        dp16(lowp ? kBwdBlockQ * block_k : 0), prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0);
+        dp16(lowp ? kBwdBlockQ * block_k : 0), prod16(lowp ? std::max(C, Cq) * std::max(block_k, kBwdBlockQ) : 0),
+        ds16_block(float16_scaled ? kBwdBlockQ * block_k : 0);
+    // float16: column sums and maxima of |P| and |dS| over the current stack
+    std::vector<float> p_col_sums(float16_scaled ? block_k : 0), p_col_max(p_col_sums.size()),
+        ds_col_sums(p_col_sums.size()), ds_col_max(p_col_sums.size());
     const int64_t first_image = begin / k_blocks, images = (end - 1) / k_blocks - first_image + 1;
     std::vector<scalar_t> dq_sums(images * Cq * N, scalar_t(0));
     for (int64_t task = begin; task < end; ++task) {
@@ -351,73 +386,115 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
       const T16* v16 = lowp ? inputs16[3] + b * C * N : nullptr;
       const int64_t j0 = jb * block_k;
       const int64_t bk = std::min(block_k, N - j0);
+      const float k_max = float16_scaled ? max_abs16(k16 + j0, Cq, bk, N) : 0.f;  // over this key block
       for (int64_t i0 = 0; i0 < N; i0 += kBwdBlockQ) {
         const int64_t bq = std::min(kBwdBlockQ, N - i0);
         const scalar_t beta = i0 > 0 ? 1 : 0;  // first query block initialises dK_j, dV_j
-        if (scores16 != nullptr) {
-          if constexpr (std::is_same_v<scalar_t, float>) scores16->tile(b, i0, bq, j0, bk, probs.data(), block_k);
-        } else {
-          gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0, probs.data(), block_k);
-        }
-        for (int64_t i = 0; i < bq; ++i) {
-          scalar_t* row = probs.data() + i * block_k;
-          exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
-          scale_row(row, bk, inv_row_sum[i0 + i]);
-        }
-        // dst (rows x cols, row stride ld) = (keep ? dst : 0) + the bfloat16 product in prod16
-        auto add_product = [&](scalar_t* dst, int64_t ld, int64_t rows, int64_t cols, bool keep) {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < cols; ++c)
-              dst[r * ld + c] = (keep ? dst[r * ld + c] : scalar_t(0)) +
-                                static_cast<scalar_t>(prod16[r * cols + c]);
-        };
         // the stacked query blocks i_stack .. i0 + bq (P and dS rows from row 0 of p16/ds16)
         const int64_t slot = (i0 / kBwdBlockQ) % kStack;
         const int64_t i_stack = i0 - slot * kBwdBlockQ;
         const bool flush = slot == kStack - 1 || i0 + bq == N;
-        if (lowp) {
-          T16* p16_rows = p16.data() + slot * kBwdBlockQ * block_k;
-          for (int64_t i = 0; i < bq; ++i)
+        const int64_t depth = i0 + bq - i_stack;
+        // this query block's P and dS rows: the stack's slot where float16 keeps them in float32
+        scalar_t* const p_block = probs.data() + (float16_scaled ? slot * kBwdBlockQ * block_k : 0);
+        scalar_t* const ds_block = dscores.data() + (float16_scaled ? slot * kBwdBlockQ * block_k : 0);
+        if (float16_scaled && slot == 0) {
+          for (auto* col : {&p_col_sums, &p_col_max, &ds_col_sums, &ds_col_max}) std::fill(col->begin(), col->end(), 0.f);
+        }
+        if (scores16 != nullptr) {
+          if constexpr (std::is_same_v<scalar_t, float>) scores16->tile(b, i0, bq, j0, bk, p_block, block_k);
+        } else {
+          gemm<scalar_t>(true, false, bq, bk, Cq, 1, qb + i0, N, kb + j0, N, 0, p_block, block_k);
+        }
+        for (int64_t i = 0; i < bq; ++i) {
+          scalar_t* row = p_block + i * block_k;
+          exp_row_inplace(row, bk, scalar_t(1), row_max[i0 + i]);
+          scale_row(row, bk, inv_row_sum[i0 + i]);
+          if constexpr (std::is_same_v<scalar_t, float>)
+            if (float16_scaled) add_abs_columns(row, bk, p_col_sums.data(), p_col_max.data());
+        }
+        // dst (rows x cols, row stride ld) = (keep ? dst : 0) + the 16-bit product in prod16 times mul
+        auto add_product = [&](scalar_t* dst, int64_t ld, int64_t rows, int64_t cols, bool keep,
+                               scalar_t mul = 1) {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c)
+              dst[r * ld + c] = (keep ? dst[r * ld + c] : scalar_t(0)) +
+                                static_cast<scalar_t>(prod16[r * cols + c]) * mul;
+        };
+        // float16: dst (rows x bk) (+)= A (rows x depth, 16-bit, row stride N) times the
+        // stacked float32 rows of `stack` rounded to float16 times s, the product divided by s.
+        // Its entries are at most max|A| max_j sum_i |stack_ij|, which s keeps within range.
+        auto scaled_stack_product = [&](const scalar_t* stack, const std::vector<float>& col_sums,
+                                        const std::vector<float>& col_max, const T16* a, int64_t rows,
+                                        scalar_t* dst, T16* rounded) {
+          const float s = float16_product_scale(danet::cpu::row_max(col_max.data(), bk),
+                                                max_abs16(a, rows, depth, N) *
+                                                    danet::cpu::row_max(col_sums.data(), bk));
+          for (int64_t i = 0; i < depth; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              p16_rows[i * block_k + j] = static_cast<T16>(probs[i * block_k + j]);
-          if (flush) {  // dV_j (+)= dO[:, i_stack:i0+bq] P_stacked
-            mm16<T16>(false, false, C, bk, i0 + bq - i_stack, do16 + i_stack, N, p16.data(), block_k,
-                      prod16.data(), bk);
-            add_product(dvb + j0, N, C, bk, i_stack > 0);
+              rounded[i * block_k + j] = static_cast<T16>(static_cast<float>(stack[i * block_k + j]) * s);
+          mm16<T16>(false, false, rows, bk, depth, a, N, rounded, block_k, prod16.data(), bk);
+          add_product(dst, N, rows, bk, i_stack > 0, scalar_t(1.f / s));
+        };
+        if (lowp) {
+          if (float16_scaled) {
+            if (flush) scaled_stack_product(probs.data(), p_col_sums, p_col_max, do16 + i_stack, C, dvb + j0,
+                                            p16.data());  // dV_j
+          } else {
+            T16* p16_rows = p16.data() + slot * kBwdBlockQ * block_k;
+            for (int64_t i = 0; i < bq; ++i)
+              for (int64_t j = 0; j < bk; ++j)
+                p16_rows[i * block_k + j] = static_cast<T16>(p_block[i * block_k + j]);
+            if (flush) {  // dV_j (+)= dO[:, i_stack:i0+bq] P_stacked
+              mm16<T16>(false, false, C, bk, depth, do16 + i_stack, N, p16.data(), block_k, prod16.data(), bk);
+              add_product(dvb + j0, N, C, bk, i_stack > 0);
+            }
           }
           mm16<T16>(true, false, bq, bk, C, do16 + i0, N, v16 + j0, N, dp16.data(), block_k);
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              dscores[i * block_k + j] = static_cast<scalar_t>(dp16[i * block_k + j]);
+              ds_block[i * block_k + j] = static_cast<scalar_t>(dp16[i * block_k + j]);
         } else {
-          gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, probs.data(),
-                         block_k, beta, dvb + j0, N);
-          gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0,
-                         dscores.data(), block_k);
+          gemm<scalar_t>(false, false, C, bk, bq, 1, dob + i0, N, p_block, block_k, beta, dvb + j0, N);
+          gemm<scalar_t>(true, false, bq, bk, C, 1, dob + i0, N, vb + j0, N, 0, ds_block, block_k);
         }
+        scalar_t ds_max = 0, ds_row_abs_max = 0;  // float16: over this query block's dS
         for (int64_t i = 0; i < bq; ++i) {
-          scalar_t* ds = dscores.data() + i * block_k;
-          const scalar_t* p = probs.data() + i * block_k;
+          scalar_t* ds = ds_block + i * block_k;
+          const scalar_t* p = p_block + i * block_k;
           const scalar_t d = static_cast<scalar_t>(dot_b[i0 + i]);
           for (int64_t j = 0; j < bk; ++j) ds[j] = softmax_grad(p[j], ds[j], d);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (float16_scaled) {
+              ds_row_abs_max = std::max(ds_row_abs_max, abs_sum_max(ds, bk, &ds_max));
+              add_abs_columns(ds, bk, ds_col_sums.data(), ds_col_max.data());
+            }
+          }
         }
-        if (lowp) {
+        if (float16_scaled) {
+          // dQ[:, i0:i0+bq] += K_j dS^T / s: |(K_j dS^T)[c, i]| <= max|K_j| sum_j |dS_ij|
+          const float s = float16_product_scale(ds_max, k_max * ds_row_abs_max);
+          for (int64_t i = 0; i < bq; ++i)
+            for (int64_t j = 0; j < bk; ++j)
+              ds16_block[i * block_k + j] = static_cast<T16>(static_cast<float>(ds_block[i * block_k + j]) * s);
+          mm16<T16>(false, true, Cq, bq, bk, k16 + j0, N, ds16_block.data(), block_k, prod16.data(), bq);
+          add_product(dq_mine + i0, N, Cq, bq, true, scalar_t(1.f / s));
+          if (flush) scaled_stack_product(dscores.data(), ds_col_sums, ds_col_max, q16 + i_stack, Cq, dkb + j0,
+                                          ds16.data());  // dK_j
+        } else if (lowp) {
           T16* ds16_rows = ds16.data() + slot * kBwdBlockQ * block_k;
           for (int64_t i = 0; i < bq; ++i)
             for (int64_t j = 0; j < bk; ++j)
-              ds16_rows[i * block_k + j] = static_cast<T16>(dscores[i * block_k + j]);
+              ds16_rows[i * block_k + j] = static_cast<T16>(ds_block[i * block_k + j]);
           if (flush) {  // dK_j (+)= Q[:, i_stack:i0+bq] dS_stacked
-            mm16<T16>(false, false, Cq, bk, i0 + bq - i_stack, q16 + i_stack, N, ds16.data(), block_k,
-                      prod16.data(), bk);
+            mm16<T16>(false, false, Cq, bk, depth, q16 + i_stack, N, ds16.data(), block_k, prod16.data(), bk);
             add_product(dkb + j0, N, Cq, bk, i_stack > 0);
           }
           mm16<T16>(false, true, Cq, bq, bk, k16 + j0, N, ds16_rows, block_k, prod16.data(), bq);
           add_product(dq_mine + i0, N, Cq, bq, true);
         } else {
-          gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, dscores.data(),
-                         block_k, beta, dkb + j0, N);
-          gemm<scalar_t>(false, true, Cq, bq, bk, 1, kb + j0, N, dscores.data(),
-                         block_k, 1, dq_mine + i0, N);
+          gemm<scalar_t>(false, false, Cq, bk, bq, 1, qb + i0, N, ds_block, block_k, beta, dkb + j0, N);
+          gemm<scalar_t>(false, true, Cq, bq, bk, 1, kb + j0, N, ds_block, block_k, 1, dq_mine + i0, N);
         }
       }
     }

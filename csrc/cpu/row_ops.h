@@ -117,6 +117,37 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return sum_lanes(lanes);
 }
 
+// Returns sum_j |row[j]| and raises *max_abs to max_j |row[j]| (NaN entries leave it).
+template <typename scalar_t>
+inline scalar_t abs_sum_max(const scalar_t* row, int64_t n, scalar_t* max_abs) {
+  scalar_t sums[kLanes] = {}, maxes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const scalar_t a = std::abs(row[j + l]);
+      sums[l] += a;
+      maxes[l] = a > maxes[l] ? a : maxes[l];
+    }
+  for (; j < n; ++j) {
+    const scalar_t a = std::abs(row[j]);
+    sums[0] += a;
+    maxes[0] = a > maxes[0] ? a : maxes[0];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) *max_abs = maxes[l] > *max_abs ? maxes[l] : *max_abs;
+  return sum_lanes(sums);
+}
+
+// sums[j] += |row[j]| and maxes[j] = max(maxes[j], |row[j]|), j < n: column
+// statistics of a matrix fed one row at a time.
+template <typename scalar_t>
+inline void add_abs_columns(const scalar_t* row, int64_t n, scalar_t* sums, scalar_t* maxes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t a = std::abs(row[j]);
+    sums[j] += a;
+    maxes[j] = a > maxes[j] ? a : maxes[j];
+  }
+}
+
 // row[j] = row[j] * (other[j] - shift)
 template <typename scalar_t>
 inline void mul_shifted_inplace(scalar_t* row, const scalar_t* other, int64_t n,
