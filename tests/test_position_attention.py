@@ -467,22 +467,40 @@ def _relative_errors(grads, truth):
 
 @pytest.mark.parametrize("path", CPU_FP16_PATHS)
 def test_cpu_float16_paths_keep_small_gradients(monkeypatch, path):
-    """At |dO| ~ 1e-4 and N = 4096, dS (near P |dP|, P ~ 1/N), P and their products lie below
+    """At |dO| ~ 1e-4 and N ~ 4096, dS (near P |dP|, P ~ 1/N), P and their products lie below
     float16's normal range (6.1e-5); the float16-product path scales each product's operand by
     a power of two and undoes it in float32. Each gradient's error must be what rounding the
     true gradient to float16 costs plus twice its error at |dO| ~ 1 (unscaled, dQ's was 1.3e-2
     against a bound of 2.2e-3)."""
     monkeypatch.setenv("DANET_EXT_CPU_FP16_GEMM", CPU_FP16_PATHS[path])
-    q, k, v = make_inputs(1, 8, 8, 64, 64, "cpu", torch.float16, scale=1.0)
+    q, k, v = make_inputs(1, 8, 8, 61, 67, "cpu", torch.float16, scale=1.0)  # 4087: a partial last stack
     errors, rounding = {}, {}
     for scale in (1.0, 1e-4):
-        grad_out = (torch.randn(1, 8, 64, 64) * scale).half()
+        grad_out = (torch.randn(1, 8, 61, 67) * scale).half()
         _, truth = grads_of(reference.position_attention, [t.double() for t in (q, k, v)], grad_out.double())
         _, grads = grads_of(ext_position_attention, [q, k, v], grad_out)
         errors[scale] = _relative_errors(grads, truth)
         rounding[scale] = _relative_errors([t.half() for t in truth], truth)
     for i, name in enumerate("qkv"):
         assert errors[1e-4][i] <= rounding[1e-4][i] + 2 * errors[1.0][i], (name, errors, rounding)
+
+
+@pytest.mark.parametrize("path", CPU_FP16_PATHS)
+def test_cpu_float16_paths_with_an_infinite_grad_out(monkeypatch, path):
+    """An infinite dO entry makes its query's dS row non-finite; the other queries' dQ must stay
+    finite and right (a product whose operand holds inf or NaN is not scaled)."""
+    monkeypatch.setenv("DANET_EXT_CPU_FP16_GEMM", CPU_FP16_PATHS[path])
+    q, k, v = make_inputs(1, 8, 8, 16, 16, "cpu", torch.float16, scale=0.5)
+    grad_out = torch.randn(1, 8, 16, 16).half()
+    grad_out[0, 3, 5, 7] = float("inf")
+    _, (dq, _, _) = grads_of(ext_position_attention, [q, k, v], grad_out)
+    finite = grad_out.clone()
+    finite[0, :, 5, 7] = 0  # the other queries' gradients do not depend on this one's dO
+    _, truth = grads_of(reference.position_attention, [t.double() for t in (q, k, v)], finite.double())
+    others = torch.ones(16, 16, dtype=torch.bool)
+    others[5, 7] = False
+    assert torch.isfinite(dq[..., others]).all()
+    assert _relative_errors([dq[..., others]], [truth[0][..., others]])[0] < 3e-3
 
 
 def test_cpu_float16_switch_changes_the_path(monkeypatch):

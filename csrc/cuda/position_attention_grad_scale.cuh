@@ -28,21 +28,22 @@ constexpr double kGradScoresTarget = 16384.0;
 // |log2 s| at most 100: 1/s stays a normal float32 (2^-126 is the smallest).
 constexpr double kGradScoresMaxExponent = 100.0;
 
-// grad_out, value: (B, C, H, W) float16, validated by the caller. Returns s,
-// (B,) float32 on their device. An all-zero dO or V gives 2^100 (dS is zero
-// then); non-finite inputs give a non-finite s, and non-finite gradients, as
-// they would unscaled.
+// grad_out, value: (B, C, H, W) float16, validated by the caller, with H * W
+// non-zero. Returns s, (B,) float32 on their device. An all-zero dO or V gives
+// 2^100 (dS is zero then); an image with an infinite or NaN entry in dO or V
+// gets 1, so that its gradients are what the unscaled kernel gives (non-finite
+// only where the non-finite entry reaches), not all zero or all NaN.
 inline at::Tensor float16_grad_scores_scale(const at::Tensor& grad_out, const at::Tensor& value) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto max_column_norm = [](const at::Tensor& t) {  // max over positions of the norm over channels
-    const at::Tensor flat = t.reshape({t.size(0), t.size(1), -1});
+    const at::Tensor flat = t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)});  // C may be 0
     return at::linalg_vector_norm(flat, 2, at::IntArrayRef{1}, /*keepdim=*/false, at::kFloat).amax(1);
   };
   const at::Tensor bound = max_column_norm(grad_out).mul_(max_column_norm(value)).mul_(2.0);
   const at::Tensor exponent =
       at::floor(at::log2(at::reciprocal(bound).mul_(kGradScoresTarget))).clamp_(-kGradScoresMaxExponent,
                                                                                  kGradScoresMaxExponent);
-  return at::exp2(exponent).contiguous();
+  return at::exp2(at::where(at::isfinite(bound), exponent, at::zeros_like(exponent))).contiguous();
 }
 
 }  // namespace

@@ -574,23 +574,44 @@ def test_float16_tensor_core_backward_keeps_small_gradients(emu):
     """dS = P (dP - D) has entries near P |dP|: at N = 1024 with |dO| ~ 1e-4 they lie far below
     float16's normal range (6.1e-5), so rounded unscaled they lose their digits, and dQ, dK with
     them. The kernel scales dS per image by a power of two (float16_grad_scores_scale) and undoes
-    it in float32: its error must then be what rounding the true gradients to float16 costs
-    (they are subnormal there too) plus the error it has at |dO| ~ 1. Unscaled (the kernel before
-    the scale, kept as a switch of the emulation) the same case is 10x worse: the check can fail."""
-    q, k, v = make_inputs(1, 8, 8, 32, 32, torch.float16, scale=0.3)
+    it in float32. Two images, |dO| ~ 1 and ~ 1e-4, so that each must use its own scale: the small
+    one's error must be what rounding the true gradients to float16 costs (they are subnormal
+    there too) plus twice the large one's. Unscaled (the kernel before the scale, kept as a switch
+    of the emulation) the small image is 10x worse: the check can fail."""
+    q, k, v = make_inputs(2, 8, 8, 32, 32, torch.float16, scale=0.3)
     out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
-    errors, rounding = {}, {}
-    for scale, scaled in ((1.0, True), (1e-4, True), (1e-4, False)):
-        grad_out = (torch.randn(1, 8, 32, 32) * scale).to(torch.float16)
+    grad_out = torch.randn(2, 8, 32, 32)
+    grad_out[1] *= 1e-4
+    grad_out = grad_out.half()
+    _, truth = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)], grad_out.double())
+    errors = {}
+    for scaled in (True, False):
         grads = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True, scale_grad_scores=scaled)
-        _, truth = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)], grad_out.double())
-        errors[scale, scaled] = _relative_errors(grads, truth)
-        rounding[scale] = _relative_errors([t.half() for t in truth], truth)
+        errors[scaled] = [_relative_errors([g[b] for g in grads], [t[b] for t in truth]) for b in range(2)]
+    rounding = _relative_errors([t[1].half() for t in truth], [t[1] for t in truth])
     for i, name in enumerate("qkv"):
-        bound = rounding[1e-4][i] + 2 * errors[1.0, True][i]
-        assert errors[1e-4, True][i] <= bound, (name, errors, rounding)
+        bound = rounding[i] + 2 * errors[True][0][i]
+        assert errors[True][1][i] <= bound, (name, errors, rounding)
         if name != "v":  # dV = P^T dO involves no dS
-            assert errors[1e-4, False][i] > 5 * bound, (name, errors, rounding)
+            assert errors[False][1][i] > 5 * bound, (name, errors, rounding)
+
+
+def test_float16_tensor_core_backward_with_an_infinite_grad_out(emu):
+    """An infinite dO entry makes its query's dS row, and so every dK, non-finite; the other
+    queries' dQ must stay finite and right (the image's scale falls back to 1, as unscaled)."""
+    q, k, v = make_inputs(1, 8, 8, 16, 16, torch.float16, scale=0.3)
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
+    grad_out = torch.randn(1, 8, 16, 16).half()
+    grad_out[0, 3, 5, 7] = float("inf")
+    assert emu.float16_grad_scores_scale(grad_out, v).item() == 1.0
+    dq, _, _ = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True)
+    finite = grad_out.clone()
+    finite[0, :, 5, 7] = 0  # the other queries' gradients do not depend on this one's dO
+    _, truth = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)], finite.double())
+    others = torch.ones(16, 16, dtype=torch.bool)
+    others[5, 7] = False
+    assert torch.isfinite(dq[..., others]).all()
+    assert _relative_errors([dq[..., others]], [truth[0][..., others]])[0] < 2e-3
 
 
 def test_float16_tensor_core_backward_scales_large_grad_scores_down(emu):
@@ -605,7 +626,7 @@ def test_float16_tensor_core_backward_scales_large_grad_scores_down(emu):
     _, truth = reference_grads(reference.position_attention, [t.double() for t in (q, k, v)], grad_out.double())
     assert truth[1].abs().max() < 65504 < truth[0].abs().max()  # dK fits float16, dQ does not
     _, dk, dv = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True)
-    assert _relative_errors([dk, dv], truth[1:]) < [2e-3, 2e-3]
+    assert max(_relative_errors([dk, dv], truth[1:])) < 2e-3
     _, dk_unscaled, _ = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True, scale_grad_scores=False)
     assert not torch.isfinite(dk_unscaled).all()
 
@@ -626,3 +647,8 @@ def test_float16_grad_scores_scale_is_a_power_of_two_within_the_bound(emu):
     assert s[1] > s[0] > s[2]
     zero = emu.float16_grad_scores_scale(torch.zeros(1, 4, 3, 3).half(), torch.randn(1, 4, 3, 3).half())
     assert zero.item() == 2.0 ** 100
+    no_channels = emu.float16_grad_scores_scale(torch.zeros(2, 0, 3, 3).half(), torch.zeros(2, 0, 3, 3).half())
+    assert no_channels.tolist() == [2.0 ** 100] * 2
+    nan = grad_out.clone()
+    nan[2, 0, 1, 1] = float("nan")
+    assert emu.float16_grad_scores_scale(nan, v)[2].item() == 1.0
