@@ -485,6 +485,21 @@ def test_cpu_float16_paths_keep_small_gradients(monkeypatch, path):
         assert errors[1e-4][i] <= rounding[1e-4][i] + 2 * errors[1.0][i], (name, errors, rounding)
 
 
+def test_cpu_float16_products_forward_at_65536_positions(monkeypatch):
+    """P averages 1/N: at N = 65536 it lies below float16's normal range (6.1e-5), and rounded
+    unscaled for O = V P^T it gave 4.7x the error of rounding the true output to float16 (2.2x
+    scaled). The float16-product forward rounds P times a power of two and divides the product
+    by it."""
+    monkeypatch.setenv("DANET_EXT_CPU_FP16_GEMM", "1")
+    q, k, v = make_inputs(1, 4, 4, 256, 256, "cpu", torch.float16, scale=0.1)
+    out = op.position_attention_forward(q, k, v)[0]
+    # the float32 kernel (1e-7 relative error, O(N) memory) as the truth: float64 takes 13 s here
+    truth = op.position_attention_forward(q.float(), k.float(), v.float())[0].double()
+    error = _relative_errors([out], [truth])[0]
+    rounding = _relative_errors([truth.half()], [truth])[0]
+    assert error <= 3 * rounding, (error, rounding)
+
+
 @pytest.mark.parametrize("path", CPU_FP16_PATHS)
 def test_cpu_float16_paths_with_an_infinite_grad_out(monkeypatch, path):
     """An infinite dO entry makes its query's dS row non-finite; the other queries' dQ must stay
