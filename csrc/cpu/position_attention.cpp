@@ -212,8 +212,8 @@ float max_abs16(const T16* p, int64_t rows, int64_t cols, int64_t ld) {
   return m;
 }
 
-// The power of two s by which the float16 backward multiplies dS before rounding
-// it for a product: s = 2^floor(log2(16384 / bound)), bound = the larger of
+// The power of two s by which the float16 kernels multiply P or dS before
+// rounding it for a product: s = 2^floor(log2(16384 / bound)), bound = the larger of
 // max |dS| and a bound on the product's entries, so that both stay within a
 // quarter of float16's largest value (65504) and far above its smallest normal
 // (6.1e-5); |log2 s| <= 100, and 1 where the bound is 0 or not finite.
@@ -232,11 +232,13 @@ inline float float16_product_scale(float ds_max, float product_bound) {
 // float32, P is rounded to T16 for the product (as the reference rounds
 // its softmax), and O stays in float32 across key tiles. Up to 4096 keys (a
 // 64 x 64 map) take one tile, so O is rounded once, as in the reference.
-// float16 rounds P times a power of two s per image (P averages 1/N, below
-// float16's normal range from N = 16384), s <= 16384 / max|v| so that the
-// product (at most max|v| s: each row of P sums to at most 1) stays in range,
-// and divides the product by s (exact): at N = 65536 this took the forward's
-// error from 4.5x to 2.1x that of rounding the true output to float16.
+// float16 rounds P times a power of two per image (P averages 1/N, below
+// float16's normal range from N = 16384), s = 2^floor(log2(16384 / max(max|v|, 1)))
+// and at least 1 (1 where V holds inf), so that the product (at most max|v| s:
+// each tile's row of P sums to at most 1) stays in range, and divides the
+// product by s (exact, but for float16 subnormal outputs, which one tile
+// rounds twice): at N = 65536 this took the forward's error from 4.7x to 2.2x
+// that of rounding the true output to float16.
 constexpr int64_t kBf16BlockK = 4096;
 
 template <typename T16>
@@ -248,8 +250,12 @@ void forward_kernel_16(const ScoreSource& scores_of, const T16* v, T16* out, flo
   const bool one_tile = block_k == N;
   std::vector<float> p_scale(B, 1.f);  // s per image (1 for bfloat16, whose range is float32's)
   if constexpr (std::is_same_v<T16, at::Half>) {
+    std::vector<float> row_abs_max(B * C);  // max |v| per image and channel, in parallel
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row_abs_max[r] = max_abs16(v + r * N, 1, N, N);
+    });
     for (int64_t b = 0; b < B; ++b) {
-      const float v_max = max_abs16(v + b * C * N, C, N, N);
+      const float v_max = C > 0 ? danet::cpu::row_max(row_abs_max.data() + b * C, C) : 0.f;
       p_scale[b] = std::max(1.f, float16_product_scale(0.f, std::max(v_max, 1.f)));
     }
   }
