@@ -38,6 +38,27 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def relative_errors(tensors, truths):
+    """||t - truth|| / ||truth|| for each pair, in float64."""
+    return [((t.double() - tr).norm() / tr.norm()).item() for t, tr in zip(tensors, truths)]
+
+
+def assert_other_queries_dq_right(dq, q, k, v, grad_out, position, tol):
+    """grad_out (B = 1) holds a non-finite entry at query `position` (h, w): that query's dS row
+    is non-finite, but every other query's dQ must be finite and, against float64 with that
+    query's dO zeroed (the others do not depend on it), within `tol` relative error."""
+    from danet_ext import reference
+
+    finite = grad_out.double().clone()
+    finite[0, :, position[0], position[1]] = 0
+    inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference.position_attention(*inputs).backward(finite)
+    others = torch.ones(q.shape[2:], dtype=torch.bool)
+    others[position] = False
+    assert torch.isfinite(dq[..., others]).all()
+    assert relative_errors([dq[..., others]], [inputs[0].grad[..., others]])[0] < tol
+
+
 # Position-attention gradients at logits in the thousands, as a fraction of the largest true
 # gradient. The truth is float64 on the rounded inputs with the kernel's own rounded output in
 # D = rowsum(dO * O), as FlashAttention-style backwards take it: at such logits the softmax is

@@ -212,6 +212,14 @@ float max_abs16(const T16* p, int64_t rows, int64_t cols, int64_t ld) {
   return m;
 }
 
+// dst[i * ld + j] = T16(src[i * ld + j] * scale), i < rows, j < cols: a tile of P
+// or dS rounded for a 16-bit product (scale 1, exact, outside the float16 paths).
+template <typename T16, typename scalar_t>
+void round_rows16(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, T16* dst, float scale = 1.f) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[i * ld + j] = static_cast<T16>(static_cast<float>(src[i * ld + j]) * scale);
+}
+
 // The power of two s by which the float16 kernels multiply P or dS before
 // rounding it for a product: s = 2^floor(log2(16384 / bound)), bound = the larger of
 // max |dS| and a bound on the product's entries, so that both stay within a
@@ -455,9 +463,7 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           const float s = float16_product_scale(danet::cpu::row_max(col_max.data(), bk),
                                                 max_abs16(a, rows, depth, N) *
                                                     danet::cpu::row_max(col_sums.data(), bk));
-          for (int64_t i = 0; i < depth; ++i)
-            for (int64_t j = 0; j < bk; ++j)
-              rounded[i * block_k + j] = static_cast<T16>(static_cast<float>(stack[i * block_k + j]) * s);
+          round_rows16(stack, depth, bk, block_k, rounded, s);
           mm16<T16>(false, false, rows, bk, depth, a, N, rounded, block_k, prod16.data(), bk);
           add_product(dst, N, rows, bk, i_stack > 0, scalar_t(1.f / s));
         };
@@ -466,10 +472,7 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             if (flush) scaled_stack_product(probs.data(), p_col_sums, p_col_max, do16 + i_stack, C, dvb + j0,
                                             p16.data());  // dV_j
           } else {
-            T16* p16_rows = p16.data() + slot * kBwdBlockQ * block_k;
-            for (int64_t i = 0; i < bq; ++i)
-              for (int64_t j = 0; j < bk; ++j)
-                p16_rows[i * block_k + j] = static_cast<T16>(p_block[i * block_k + j]);
+            round_rows16(p_block, bq, bk, block_k, p16.data() + slot * kBwdBlockQ * block_k);
             if (flush) {  // dV_j (+)= dO[:, i_stack:i0+bq] P_stacked
               mm16<T16>(false, false, C, bk, depth, do16 + i_stack, N, p16.data(), block_k, prod16.data(), bk);
               add_product(dvb + j0, N, C, bk, i_stack > 0);
@@ -499,18 +502,14 @@ void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         if (float16_scaled) {
           // dQ[:, i0:i0+bq] += K_j dS^T / s: |(K_j dS^T)[c, i]| <= max|K_j| sum_j |dS_ij|
           const float s = float16_product_scale(ds_max, k_max * ds_row_abs_max);
-          for (int64_t i = 0; i < bq; ++i)
-            for (int64_t j = 0; j < bk; ++j)
-              ds16_block[i * block_k + j] = static_cast<T16>(static_cast<float>(ds_block[i * block_k + j]) * s);
+          round_rows16(ds_block, bq, bk, block_k, ds16_block.data(), s);
           mm16<T16>(false, true, Cq, bq, bk, k16 + j0, N, ds16_block.data(), block_k, prod16.data(), bq);
           add_product(dq_mine + i0, N, Cq, bq, true, scalar_t(1.f / s));
           if (flush) scaled_stack_product(dscores.data(), ds_col_sums, ds_col_max, q16 + i_stack, Cq, dkb + j0,
                                           ds16.data());  // dK_j
         } else if (lowp) {
           T16* ds16_rows = ds16.data() + slot * kBwdBlockQ * block_k;
-          for (int64_t i = 0; i < bq; ++i)
-            for (int64_t j = 0; j < bk; ++j)
-              ds16_rows[i * block_k + j] = static_cast<T16>(ds_block[i * block_k + j]);
+          round_rows16(ds_block, bq, bk, block_k, ds16_rows);
           if (flush) {  // dK_j (+)= Q[:, i_stack:i0+bq] dS_stacked
             mm16<T16>(false, false, Cq, bk, depth, q16 + i_stack, N, ds16.data(), block_k, prod16.data(), bk);
             add_product(dkb + j0, N, Cq, bk, i_stack > 0);
