@@ -441,13 +441,30 @@ LaunchGeometry grad_v_tc_geometry(int64_t B, int64_t Cq, int64_t C, int64_t N) {
                        grad_v_tc_shared_bytes<Tr>(Cq));
 }
 // grad_qk_kernel_tc has one block per key tile and image: 64 blocks at N = 4096,
-// B = 1, half an H100. The query range is then split so that the grid holds
-// at most one wave of two blocks per SM (its occupancy: 256 blocks there);
-// each split's dK goes to its own buffer.
+// B = 1, half an H100, and 144 at N = 9216 (96 x 96), 0.55 of a wave of two
+// blocks per SM (its occupancy) that takes as long as a full one. The query
+// range is then split (each split's dK goes to its own buffer, summed after):
+// s splits of `per` query tiles run in ceil(tiles * B * s / slots) rounds of
+// per + 1 tile steps (the + 1: each block stages its key tile and V once), and
+// the count with the fewest steps is taken where it saves at least 5 % over
+// one split (the rounds are an idealisation; many-wave grids keep one split
+// and their workspace), at most kTcMaxSplits (the dK workspace).
+constexpr int64_t kTcMaxSplits = 16;
+inline int64_t grad_qk_tc_split_steps(int64_t B, int64_t tiles, int64_t splits, int64_t sm_count) {
+  const int64_t per = ceil_div(tiles, splits);
+  const int64_t used = ceil_div(tiles, per);  // no empty split
+  return ceil_div(tiles * B * used, kTcMinBlocks * std::max<int64_t>(sm_count, 1)) * (per + 1);
+}
 inline int64_t grad_qk_tc_splits(int64_t B, int64_t N, int64_t sm_count) {
   const int64_t tiles = ceil_div(N, kTcTile);
-  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * sm_count / (tiles * B)));
-  return ceil_div(tiles, ceil_div(tiles, wanted));  // no empty split
+  if (tiles <= 1 || B <= 0) return 1;
+  const int64_t unsplit = grad_qk_tc_split_steps(B, tiles, 1, sm_count);
+  int64_t best = 1, best_steps = unsplit;
+  for (int64_t s = 2; s <= std::min(tiles, kTcMaxSplits); ++s) {
+    const int64_t steps = grad_qk_tc_split_steps(B, tiles, s, sm_count);
+    if (steps < best_steps) best = ceil_div(tiles, ceil_div(tiles, s)), best_steps = steps;
+  }
+  return 20 * best_steps <= 19 * unsplit ? best : 1;
 }
 inline int64_t grad_qk_tc_split_queries(int64_t N, int64_t splits) {
   return ceil_div(ceil_div(N, kTcTile), splits) * kTcTile;

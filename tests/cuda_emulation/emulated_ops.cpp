@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor> pam_forward(const Tensor& query, const Tensor& key, c
 std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                 const Tensor& value, const Tensor& out,
                                                 const Tensor& softmax_stats, bool tensor_cores,
-                                                int64_t v_resident, bool scale_grad_scores) {
+                                                int64_t v_resident, bool scale_grad_scores, int64_t splits_override) {
   check_cpu(value);
   const int64_t B = value.size(0), C = value.size(1), Cq = query.size(1);
   const int64_t N = value.size(2) * value.size(3);
@@ -102,8 +102,11 @@ std::tuple<Tensor, Tensor, Tensor> pam_backward(const Tensor& grad_out, const Te
       danet::cuda::position_attention_row_dot_launch<T>(go.data_ptr<T>(), o.data_ptr<T>(), row_dot.data_ptr<float>(),
                                                         B, C, N, nullptr, std::is_same<Tr, MmaTf32>::value);
       // the split of the query range and the V staging an H100 (132 SMs, 227 KiB a block,
-      // 228 KiB an SM) would get, unless v_resident (0 or 1) forces the staging
-      const int64_t splits = danet::cuda::grad_qk_tc_splits(B, N, 132);
+      // 228 KiB an SM) would get, unless splits_override (> 0) or v_resident (0 or 1) force them
+      const int64_t tiles = danet::cuda::ceil_div(N, danet::cuda::kTcTile);
+      const int64_t splits = splits_override > 0
+                                 ? danet::cuda::ceil_div(tiles, danet::cuda::ceil_div(tiles, splits_override))
+                                 : danet::cuda::grad_qk_tc_splits(B, N, 132);
       const bool resident = v_resident >= 0 ? v_resident == 1
                                             : danet::cuda::grad_qk_tc_v_resident<Tr>(Cq, C, 232448, 233472);
       Tensor dk_parts = splits > 1 ? at::empty({splits, B, Cq, N}, dk_acc.options()) : Tensor();
@@ -223,7 +226,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tensor_cores") = false);
   m.def("pam_backward", &pam_backward, py::arg("grad_out"), py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("out"), py::arg("softmax_stats"), py::arg("tensor_cores") = false, py::arg("v_resident") = -1,
-        py::arg("scale_grad_scores") = true);
+        py::arg("scale_grad_scores") = true, py::arg("splits") = -1);
   m.def("cam_forward", &cam_forward);
   m.def("cam_backward", &cam_backward);
   m.def("selftest", &selftest);

@@ -207,6 +207,21 @@ def test_tensor_core_backward_stages_v_either_way(emu, dtype):
     assert not emu.grad_qk_v_resident(64, 512, 166912, 167936)
 
 
+def test_tensor_core_backward_any_query_split_gives_the_same_gradients(emu):
+    """grad_qk_kernel_tc's query-range splits (10 query tiles split in 3, 4 and 5:
+    ranges of 4, 3 and 2 tiles, the last one short in the first two) change only
+    the order of dK's and dQ's float32 sums; dV does not depend on them."""
+    q, k, v = make_inputs(2, 16, 24, 20, 32, torch.float32, 0.5)
+    out, stats = emu.pam_forward(q, k, v, tensor_cores=True)
+    grad_out = torch.randn_like(v)
+    whole = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True, splits=1)
+    for splits in [3, 4, 5]:
+        split = emu.pam_backward(grad_out, q, k, v, out, stats, tensor_cores=True, splits=splits)
+        for name, a, b in zip("qkv", split, whole):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * b.abs().max().item(), msg=f"d{name}, {splits}")
+        torch.testing.assert_close(split[2], whole[2], rtol=0, atol=0)
+
+
 def tf32(t):
     """float32 rounded to TF32 as cvt.rna.tf32.f32 does (10 mantissa bits, ties away from zero)."""
     bits = t.float().contiguous().view(torch.int32)
@@ -258,8 +273,46 @@ def test_tensor_core_backward_fills_the_gpu(emu):
     the test grid above runs split and unsplit launches (N = 99 with B = 2 splits in two)."""
     assert 132 <= 64 * emu.grad_qk_splits(1, 4096, 132) <= 2 * 132
     assert emu.grad_qk_splits(8, 32768, 132) == 1
+    assert emu.grad_qk_splits(16, 16384, 132) == 1
     assert emu.grad_qk_splits(1, 1, 132) == 1
+    assert emu.grad_qk_splits(1, 0, 132) == 1
     assert emu.grad_qk_splits(2, 99, 132) == 2
+
+
+def test_tensor_core_backward_split_avoids_a_part_filled_last_wave(emu):
+    """At N = 9216 (96 x 96, a 768 x 768 crop at output stride 8) one block per key
+    tile is 144 blocks, 0.55 of a wave of 264 on an H100: the split fills the
+    rounds it runs in to at least 90 %; at B = 8 (1152 blocks, 4.4 waves) it still
+    splits, where the idle part of the last round is worth it. Every split is
+    non-empty, at most 16, and never predicted slower than one split."""
+    def steps(B, tiles, s, sms):
+        per = -(-tiles // s)
+        return -(-tiles * B * s // (2 * sms)) * (per + 1)
+
+    for B, N, sms in [(1, 9216, 132), (2, 9216, 132), (1, 6400, 108)]:
+        s = emu.grad_qk_splits(B, N, sms)
+        tiles = -(-N // 64)
+        blocks = tiles * B * s
+        assert s > 1 and blocks >= 0.9 * -(-blocks // (2 * sms)) * 2 * sms, (B, N, sms, s)
+    assert emu.grad_qk_splits(8, 9216, 132) > 1
+    for B in [1, 2, 3, 8, 32]:
+        for N in [64, 65, 1000, 4096, 9216, 12321, 20000, 65536]:
+            for sms in [46, 108, 132]:
+                s = emu.grad_qk_splits(B, N, sms)
+                tiles = -(-N // 64)
+                assert 1 <= s <= min(16, tiles) and (s - 1) * -(-tiles // s) < tiles, (B, N, sms, s)
+                assert steps(B, tiles, s, sms) <= steps(B, tiles, 1, sms)
+
+
+def test_the_gpu_model_uses_the_kernels_split_rule(emu):
+    """benchmarks/gpu_perf_model.py mirrors grad_qk_tc_splits; its predictions hold
+    only while the two agree."""
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
+    import gpu_perf_model
+    for B in [1, 2, 4, 8, 16]:
+        for N in [1, 100, 1024, 2304, 4096, 6400, 9216, 12288, 16384, 32768]:
+            for sms in [108, 132]:
+                assert emu.grad_qk_splits(B, N, sms) == gpu_perf_model.grad_qk_splits(B, N, sms), (B, N, sms)
 
 
 # The opt-in shared memory per block of compute capability 8.6/8.9, 8.0 and 9.0.
